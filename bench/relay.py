@@ -1,0 +1,145 @@
+"""The relay workload: five relay agents in a chain and a sink, small pydantic payloads.
+
+Run with ``make bench`` (or ``python bench/relay.py --help``). Prints deliveries per second
+for each engine beside the CPython floor measured in the same run: a bare loop of deques
+and function calls with the same shape (six hops, a small dict payload re-made per hop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from rustic import Agent, AgentBuilder, AgentSpec, Guild, ProcessContext, processor
+from rustic.engines import BaseExecutionEngine, create_engine
+
+RELAYS = 5
+HOPS = RELAYS + 1  # five relays and the sink
+
+
+class Hop(BaseModel):
+    """The payload that travels down the chain."""
+
+    seq: int
+    hops: int = 0
+
+
+class RelayProps(BaseModel):
+    """Where a relay forwards to."""
+
+    next_topic: str
+
+
+class Relay(Agent[RelayProps]):
+    """Forwards every Hop to the next topic, one hop further."""
+
+    @processor(Hop)
+    def forward(self, ctx: ProcessContext[Hop]) -> None:
+        ctx.send(Hop(seq=ctx.payload.seq, hops=ctx.payload.hops + 1), topic=self.config.next_topic)
+
+
+class Sink(Agent):  # type: ignore[type-arg]
+    """Counts what reaches the end of the chain."""
+
+    received = 0
+
+    @processor(Hop)
+    def land(self, ctx: ProcessContext[Hop]) -> None:
+        type(self).received += 1
+
+
+def relay_specs() -> list[AgentSpec]:
+    """The six agents of the workload, subscribed hop-0 → hop-5."""
+    specs = [
+        AgentBuilder(Relay)
+        .set_id(f"relay-{n}")
+        .set_properties({"next_topic": f"hop-{n + 1}"})
+        .add_additional_topic(f"hop-{n}")
+        .listen_to_default_topic(False)
+        .build_spec()
+        for n in range(RELAYS)
+    ]
+    sink = (
+        AgentBuilder(Sink)
+        .set_id("sink")
+        .add_additional_topic(f"hop-{RELAYS}")
+        .listen_to_default_topic(False)
+        .build_spec()
+    )
+    return [*specs, sink]
+
+
+def run_relay(engine: BaseExecutionEngine | str, messages: int, **guild_args: Any) -> float:
+    """Push ``messages`` through the chain; return deliveries per second."""
+    Sink.received = 0
+    guild = Guild(id="bench", execution_engine=engine, **guild_args)
+    for spec in relay_specs():
+        guild.launch_agent(spec)
+    started = time.perf_counter()
+    for seq in range(messages):
+        guild.publish("hop-0", Hop(seq=seq))
+    if not guild.run_until_idle(timeout=300):
+        raise RuntimeError("relay workload did not finish in 300 s")
+    elapsed = time.perf_counter() - started
+    guild.stop(timeout=5)
+    if Sink.received != messages:
+        raise RuntimeError(f"sink received {Sink.received} of {messages}")
+    return messages * HOPS / elapsed
+
+
+def cpython_floor(messages: int) -> float:
+    """The same six hops as plain deques and function calls: what Python costs at the least."""
+    queues: list[deque[tuple[int, str, dict[str, int]]]] = [deque() for _ in range(HOPS)]
+    landed = [0]
+
+    def relay(n: int) -> Callable[[tuple[int, str, dict[str, int]]], None]:
+        out = queues[n + 1]
+
+        def forward(message: tuple[int, str, dict[str, int]]) -> None:
+            payload = message[2]
+            out.append((message[0] + 1, "hop", {"seq": payload["seq"], "hops": payload["hops"] + 1}))
+
+        return forward
+
+    def sink(message: tuple[int, str, dict[str, int]]) -> None:
+        landed[0] += 1
+
+    handlers = [*(relay(n) for n in range(RELAYS)), sink]
+    started = time.perf_counter()
+    for seq in range(messages):
+        queues[0].append((seq, "hop", {"seq": seq, "hops": 0}))
+    busy = True
+    while busy:
+        busy = False
+        for queue, handle in zip(queues, handlers, strict=True):
+            while queue:
+                handle(queue.popleft())
+                busy = True
+    elapsed = time.perf_counter() - started
+    assert landed[0] == messages
+    return messages * HOPS / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--engines", default="sync,multithreaded")
+    args = parser.parse_args()
+
+    floor = cpython_floor(args.messages)
+    rows = [("cpython floor", floor)]
+    for name in args.engines.split(","):
+        engine = create_engine(name) if name != "multithreaded" else create_engine("multithreaded")
+        rows.append((f"{name}, memory", run_relay(engine, args.messages)))
+    print(f"{'relay workload':<28}{'deliveries/s':>14}{'of floor':>10}")
+    for label, rate in rows:
+        print(f"{label:<28}{rate:>14,.0f}{rate / floor:>10.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""``Guild``: owns the bus, the state store, the engines and the agents; launch, stop, reload."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel
+
+from rustic.deps import close_dependency, resolve_dependency
+from rustic.engines import BaseExecutionEngine, SyncExecutionEngine, create_engine
+from rustic.engines.base import AgentInfo, EngineReport
+from rustic.logs import log_context
+from rustic.message import Message, new_id
+from rustic.messaging import MessageBus, open_bus
+from rustic.spec import AgentSpec, DependencySpec, EngineSpec, GuildSpec, load_guild_spec
+from rustic.state import (
+    StateHandle,
+    StateStore,
+    open_state_store,
+    state_key_for_agent,
+    state_key_for_guild,
+)
+from rustic.wrapper import AgentWrapper, payload_format
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_SENDER = "external"
+DRAIN_SLICE = 0.05  # how often a drain looks up from waiting to check for a hurry-up
+HURRIED_TIMEOUT = 1.0  # what teardown gets when a second signal skips the waiting
+
+
+class GuildStopping(RuntimeError):
+    """The guild no longer takes messages from outside: it is stopping."""
+
+
+@dataclass
+class ShutdownReport:
+    """The accounting of a guild's stop: every message is handled, pending or dead."""
+
+    handled: int = 0
+    pending: int = 0
+    dead_lettered: int = 0
+    drained: bool = True
+    hooks_failed: list[str] = field(default_factory=list)
+    not_joined: list[str] = field(default_factory=list)
+    stuck_agents: list[str] = field(default_factory=list)
+    dependencies_failed: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        """True when every hook ran, every dependency closed and every worker joined."""
+        return not (
+            self.hooks_failed or self.not_joined or self.stuck_agents or self.dependencies_failed
+        )
+
+    def add(self, report: EngineReport) -> None:
+        """Fold one engine's report into this one."""
+        self.handled += report.handled
+        self.pending += report.pending
+        self.dead_lettered += report.dead_lettered
+        self.hooks_failed += report.hooks_failed
+        self.not_joined += report.not_joined
+        self.stuck_agents += report.stuck_agents
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as a JSON-able dict."""
+        return {**vars(self), "clean": self.clean}
+
+    def summary(self) -> str:
+        """One line accounting for every message."""
+        return f"handled={self.handled} pending={self.pending} dead_lettered={self.dead_lettered}"
+
+
+class Guild:
+    """A group of agents sharing a bus, a state store and a default engine.
+
+    ``Guild(id=..., name=..., description=...)`` makes an empty guild on the in-memory
+    bus and state store with the sync engine; ``launch_agent`` adds agents;
+    ``stop`` drains and tears everything down. ``Guild.from_yaml`` builds one from a
+    guild file and launches its agents.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        name: str = "",
+        description: str = "",
+        *,
+        messaging: str | MessageBus = "memory",
+        state: str | StateStore = "memory",
+        execution_engine: BaseExecutionEngine | EngineSpec | str | None = None,
+        dependency_map: dict[str, DependencySpec] | None = None,
+        default_topic: str = "default_topic",
+        error_topic: str = "error_topic",
+        shutdown_timeout: float = 10.0,
+        spec: GuildSpec | None = None,
+    ) -> None:
+        self.spec = spec or GuildSpec(
+            id=id,
+            name=name or id,
+            description=description,
+            messaging=messaging if isinstance(messaging, str) else "memory",
+            state=state if isinstance(state, str) else "memory",
+            dependency_map=dependency_map or {},
+            default_topic=default_topic,
+            error_topic=error_topic,
+            shutdown_timeout=shutdown_timeout,
+        )
+        self.id = self.spec.id
+        self.name = self.spec.name
+        self.description = self.spec.description
+        self.default_topic = self.spec.default_topic
+        self.error_topic = self.spec.error_topic
+        self.started_at = time.time()
+
+        self.bus = (
+            open_bus(self.spec.resolve_url(messaging)) if isinstance(messaging, str) else messaging
+        )
+        self.state_store = (
+            open_state_store(self.spec.resolve_url(state)) if isinstance(state, str) else state
+        )
+        self.state = StateHandle(self.state_store, state_key_for_guild(self.id))
+
+        self._lock = threading.RLock()
+        self._agents: dict[str, tuple[AgentWrapper, BaseExecutionEngine]] = {}  # guarded by `_lock`
+        self._engines: list[BaseExecutionEngine] = []  # guarded by `_lock`
+        self._engines_by_spec: dict[str, BaseExecutionEngine] = {}  # guarded by `_lock`
+        self._guild_deps: dict[str, Any] = {}  # guarded by `_lock`
+        self._agent_deps: dict[str, dict[str, Any]] = {}  # guarded by `_lock`
+        self._intake_open = True
+        self._stopped = False
+        self._hurry = threading.Event()
+        self.default_engine = self._engine_from(execution_engine or self.spec.execution)
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: GuildSpec,
+        *,
+        execution_engine: BaseExecutionEngine | EngineSpec | str | None = None,
+        only: set[str] | None = None,
+    ) -> Guild:
+        """Build a guild from ``spec`` and launch its agents (or just those in ``only``)."""
+        guild = cls(
+            spec.id,
+            spec=spec,
+            messaging=spec.messaging,
+            state=spec.state,
+            execution_engine=execution_engine,
+        )
+        try:
+            for agent_spec in spec.agents:
+                if only is None or agent_spec.id in only:
+                    guild.launch_agent(agent_spec)
+        except BaseException:
+            guild.stop(timeout=1.0)
+            raise
+        return guild
+
+    @classmethod
+    def from_yaml(
+        cls,
+        path: str | Path,
+        *,
+        execution_engine: BaseExecutionEngine | EngineSpec | str | None = None,
+    ) -> Guild:
+        """Load a guild file (its folder goes on ``sys.path``) and launch its agents."""
+        spec = load_guild_spec(path)
+        base = str(spec.base_dir)
+        if base not in sys.path:
+            sys.path.insert(0, base)
+        return cls.from_spec(spec, execution_engine=execution_engine)
+
+    def _engine_from(self, engine: BaseExecutionEngine | EngineSpec | str) -> BaseExecutionEngine:
+        if isinstance(engine, BaseExecutionEngine):
+            self._track_engine(engine)
+            return engine
+        spec = EngineSpec(engine=engine) if isinstance(engine, str) else engine
+        key = spec.model_dump_json()
+        with self._lock:
+            found = self._engines_by_spec.get(key)
+            if found is None:
+                found = self._engines_by_spec[key] = create_engine(spec)
+                self._engines.append(found)
+            return found
+
+    def _track_engine(self, engine: BaseExecutionEngine) -> None:
+        with self._lock:
+            if not any(known is engine for known in self._engines):
+                self._engines.append(engine)
+
+    # -- agents -----------------------------------------------------------------------------
+
+    def launch_agent(
+        self, spec: AgentSpec, execution_engine: BaseExecutionEngine | None = None
+    ) -> AgentWrapper:
+        """Build the agent of ``spec`` and start it on ``execution_engine`` (or its default).
+
+        An agent's own ``execution`` spec picks its engine when no engine is passed.
+        """
+        if self._stopped:
+            raise GuildStopping(f"guild {self.id!r} is stopped")
+        with self._lock:
+            if spec.id in self._agents:
+                raise ValueError(f"guild {self.id!r} already has an agent {spec.id!r}")
+        if execution_engine is not None:
+            engine = self._engine_from(execution_engine)
+        elif spec.execution is not None:
+            engine = self._engine_from(self.spec.execution.merged(spec.execution))
+        else:
+            engine = self.default_engine
+
+        # Build first: a class that fails to import or to validate leaves nothing behind.
+        mailbox = self.bus.open_mailbox(spec.id)
+        state = StateHandle(self.state_store, state_key_for_agent(self.id, spec.id))
+        try:
+            wrapper = AgentWrapper(self, spec, mailbox, state, engine.name)
+        except BaseException:
+            self.bus.close_mailbox(spec.id)
+            self._close_agent_dependencies(spec.id)
+            raise
+
+        # Subscribe, start up, then let the engine deliver what has queued.
+        for topic in sorted(wrapper.topics()):
+            self.bus.subscribe(topic, spec.id)
+        wrapper.run_fixtures("startup")
+        with self._lock:
+            self._agents[spec.id] = (wrapper, engine)
+        engine.launch(wrapper)
+        with log_context(guild_id=self.id, agent_id=spec.id):
+            logger.debug("agent launched engine=%s version=%s", engine.name, wrapper.version)
+        return wrapper
+
+    def stop_agent(self, agent_id: str, timeout: float = 5.0) -> bool:
+        """Stop one agent for good: finish its in-flight message, run on_shutdown."""
+        engine = self._agent(agent_id)[1]
+        ok = engine.stop_agent(agent_id, timeout)
+        with self._lock:
+            del self._agents[agent_id]
+        left = self.bus.close_mailbox(agent_id)
+        if left:
+            logger.warning(
+                "agent stopped with mail queued agent_id=%s dropped=%d", agent_id, len(left)
+            )
+        self._close_agent_dependencies(agent_id)
+        return ok
+
+    def wrapper(self, agent_id: str) -> AgentWrapper:
+        """The wrapper of a running agent; raises KeyError for an unknown id."""
+        return self._agent(agent_id)[0]
+
+    def engine_of(self, agent_id: str) -> BaseExecutionEngine:
+        """The engine a running agent is on."""
+        return self._agent(agent_id)[1]
+
+    def _agent(self, agent_id: str) -> tuple[AgentWrapper, BaseExecutionEngine]:
+        with self._lock:
+            try:
+                return self._agents[agent_id]
+            except KeyError:
+                known = ", ".join(sorted(self._agents)) or "none"
+                raise KeyError(
+                    f"no agent {agent_id!r} in guild {self.id!r} (running: {known})"
+                ) from None
+
+    def agent_ids(self) -> list[str]:
+        """Ids of the running agents, in launch order."""
+        with self._lock:
+            return list(self._agents)
+
+    # -- dependencies -----------------------------------------------------------------------
+
+    def resolve_dependency(self, name: str, spec: AgentSpec) -> Any:
+        """The object injected as ``name`` into agent ``spec.id``; built once per scope."""
+        agent_spec = spec.dependency_map.get(name)
+        with self._lock:
+            if agent_spec is not None and agent_spec.scope != "guild":
+                owned = self._agent_deps.setdefault(spec.id, {})
+                if name not in owned:
+                    owned[name] = resolve_dependency(agent_spec, self.id, spec.id)
+                return owned[name]
+            dep_spec = agent_spec or self.spec.dependency_map.get(name)
+            if dep_spec is None:
+                known = sorted({*spec.dependency_map, *self.spec.dependency_map}) or ["none"]
+                raise LookupError(
+                    f"agent {spec.id!r}: parameter {name!r} names no dependency "
+                    f"(dependency_map has: {', '.join(known)})"
+                )
+            if name not in self._guild_deps:
+                self._guild_deps[name] = resolve_dependency(dep_spec, self.id, None)
+            return self._guild_deps[name]
+
+    def _close_agent_dependencies(self, agent_id: str) -> list[str]:
+        with self._lock:
+            owned = self._agent_deps.pop(agent_id, {})
+        return [
+            f"{agent_id}.{name}" for name, obj in owned.items() if not close_dependency(name, obj)
+        ]
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: BaseModel | dict[str, Any],
+        *,
+        format: str | None = None,
+        sender: str = EXTERNAL_SENDER,
+    ) -> Message:
+        """Publish a message into the guild from outside it."""
+        if not self._intake_open:
+            raise GuildStopping(f"guild {self.id!r} is stopping and takes no new messages")
+        if isinstance(payload, BaseModel):
+            fmt = format or payload_format(type(payload))
+            data: Any = payload.model_dump(mode="json")
+        else:
+            fmt, data = format or "dict", payload
+        message = Message(new_id(), topic, sender, fmt, data)
+        self.bus.publish(message)
+        return message
+
+    def run_until_idle(self, timeout: float | None = None) -> bool:
+        """Deliver until no agent on any engine has work left; True if that was reached."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._settled(remaining):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _settled(self, slice_timeout: float) -> bool:
+        """One pass over the engines; True when all were idle with nothing handled meanwhile."""
+        with self._lock:
+            engines = list(self._engines)
+        handled_before = self._handled()
+        idle = all(engine.wait_idle(slice_timeout) for engine in engines)
+        return (
+            idle
+            and self._handled() == handled_before
+            and all(engine.wait_idle(0) for engine in engines)
+        )
+
+    def _handled(self) -> int:
+        with self._lock:
+            return sum(wrapper.processed for wrapper, _ in self._agents.values())
+
+    # -- status -----------------------------------------------------------------------------
+
+    def agents(self) -> list[AgentInfo]:
+        """A snapshot of every running agent."""
+        with self._lock:
+            engines = list(self._engines)
+        return [info for engine in engines for info in engine.agents()]
+
+    def status(self) -> dict[str, Any]:
+        """The guild, its agents and its totals, as a JSON-able dict."""
+        agents = [info.to_dict() for info in self.agents()]
+        return {
+            "guild": {"id": self.id, "name": self.name, "uptime": time.time() - self.started_at},
+            "intake_open": self._intake_open,
+            "agents": agents,
+            "totals": {
+                key: sum(agent[key] for agent in agents)
+                for key in ("processed", "errors", "dead_letters", "queue_depth", "in_flight")
+            },
+        }
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def close_intake(self) -> None:
+        """Refuse messages from outside from now on, so that the backlog can only shrink."""
+        self._intake_open = False
+
+    def hurry(self) -> None:
+        """Skip the rest of a running stop's waiting; teardown still runs."""
+        self._hurry.set()
+
+    def stop(self, timeout: float | None = None) -> ShutdownReport:
+        """Stop the guild gracefully and account for every message.
+
+        Intake closes first so the backlog can only shrink; queued messages are handled
+        until ``timeout`` (default: the spec's ``shutdown_timeout``); then on_shutdown
+        hooks run, dependencies close and workers are joined. A handler that never returns
+        cannot make this hang past the timeout (plus each hook's own short deadline).
+        """
+        if self._stopped:
+            return ShutdownReport()
+        started = time.monotonic()
+        timeout = self.spec.shutdown_timeout if timeout is None else timeout
+        deadline = started + timeout
+        report = ShutdownReport()
+
+        # (1) Stop intake.
+        self.close_intake()
+
+        # (2) Drain: handle what is queued until the deadline or a hurry-up.
+        report.drained = self._drain(deadline)
+
+        # (3) Teardown: engines stop delivery, run hooks, join their workers.
+        self._stopped = True
+        with self._lock:
+            engines = list(self._engines)
+        for engine in engines:
+            left = max(0.0, deadline - time.monotonic())
+            budget = min(left, HURRIED_TIMEOUT) if self._hurry.is_set() else left
+            report.add(engine.shutdown(max(budget, 0.2)))
+
+        # (4) Dependencies close after every hook that might still use them.
+        for agent_id in list(self._agent_deps):
+            report.dependencies_failed += self._close_agent_dependencies(agent_id)
+        for name, obj in self._guild_deps.items():
+            if not close_dependency(name, obj):
+                report.dependencies_failed.append(name)
+
+        # (5) Account, then release the backends.
+        report.duration = time.monotonic() - started
+        self.bus.close()
+        self.state_store.close()
+        with log_context(guild_id=self.id):
+            logger.info("guild stopped %s clean=%s", report.summary(), report.clean)
+        return report
+
+    def _drain(self, deadline: float) -> bool:
+        while not self._hurry.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._settled(min(DRAIN_SLICE, remaining)):
+                return True
+        return False
+
+    def __enter__(self) -> Guild:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Guild id={self.id!r} agents={len(self._agents)}>"
+
+
+def is_sync(engine: BaseExecutionEngine) -> bool:
+    """True for engines that only run when a thread drives them."""
+    return isinstance(engine, SyncExecutionEngine)

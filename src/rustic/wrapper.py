@@ -1,0 +1,291 @@
+"""``AgentWrapper``: one agent's instance, mailbox, state and dependencies, and its dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from rustic.agent import Agent, Handler, ProcessContext, format_name, inbox_topic
+from rustic.logs import log_context
+from rustic.message import ErrorReport, Message, new_id
+from rustic.messaging import Mailbox
+from rustic.spec import AgentSpec
+from rustic.state import StateHandle
+
+if TYPE_CHECKING:
+    from rustic.guild import Guild
+
+logger = logging.getLogger(__name__)
+
+_FORMATS: dict[type[Any], str] = {}
+_NOT_CACHED: tuple[Handler, ...] = ()
+_loops = threading.local()
+
+
+def payload_format(model: type[Any]) -> str:
+    """Return (and cache) the ``format`` of payloads of type ``model``."""
+    name = _FORMATS.get(model)
+    if name is None:
+        name = _FORMATS[model] = format_name(model)
+    return name
+
+
+def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion on this thread's own event loop (made on first use)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+    return loop.run_until_complete(coro)
+
+
+def code_version(cls: type[Any], spec: AgentSpec) -> str:
+    """A short hash of the agent's module source and its spec: changes when either does."""
+    digest = hashlib.sha256(spec.fingerprint().encode())
+    source = inspect.getsourcefile(cls) if cls.__module__ != "__main__" else None
+    if source is not None and Path(source).is_file():
+        digest.update(Path(source).read_bytes())
+    else:
+        digest.update(cls.__qualname__.encode())
+    return digest.hexdigest()[:12]
+
+
+class AgentWrapper:
+    """Holds one agent and everything that outlives its instance.
+
+    The mailbox, the state handle, the dependencies and the counters belong to the
+    wrapper; a hot swap replaces only ``agent`` (and ``spec``). Engines call
+    :meth:`dispatch` for each message and own the scheduling fields below.
+    """
+
+    def __init__(
+        self,
+        guild: Guild,
+        spec: AgentSpec,
+        mailbox: Mailbox,
+        state: StateHandle,
+        engine_name: str,
+    ) -> None:
+        self.guild = guild
+        self.agent_id = spec.id
+        self.mailbox = mailbox
+        self.state = state
+        self.engine_name = engine_name
+        self.default_topic = guild.default_topic
+        self.error_topic = guild.error_topic
+        self._publish = guild.bus.publish
+        self.dependencies: dict[str, Any] = {}
+
+        # Counters: written only by the thread running the agent, read by anyone.
+        self.processed = 0
+        self.errors = 0
+        self.dead_lettered = 0
+        self.in_flight: Message | None = None
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] | None = None
+
+        # Scheduling fields, owned by the engine (guarded by the engine's lock).
+        self.scheduled = False
+        self.paused = False
+        self.stopped = False
+        self.failed = False
+        self.where = ""
+
+        self.spec = spec
+        self.agent: Agent[Any] = self.build(spec)
+        self.version = code_version(type(self.agent), spec)
+        self._dispatch_table: dict[str, tuple[Handler, ...]] = {}
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(self, spec: AgentSpec, agent_class: type[Any] | None = None) -> Agent[Any]:
+        """Make a new agent instance for ``spec`` bound to this wrapper (not yet installed)."""
+        cls = agent_class or spec.resolve_class()
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise TypeError(f"{spec.class_name} is not a subclass of rustic.Agent")
+        config = cls.properties_model.model_validate(spec.properties)
+        self._resolve_dependencies(cls, spec)
+
+        agent: Agent[Any] = cls.__new__(cls)
+        agent.id = spec.id
+        agent.name = spec.name
+        agent.description = spec.description
+        agent.config = config
+        agent.spec = spec
+        agent.guild_id = self.guild.id
+        agent._wrapper = self
+        agent.__init__()  # type: ignore[misc]
+        return agent
+
+    def _resolve_dependencies(self, cls: type[Agent[Any]], spec: AgentSpec) -> None:
+        wanted = {name for handler in cls.handlers for name in handler.inject}
+        for funcs in cls.fixtures.values():
+            for func in funcs:
+                wanted.update(_fixture_params(func))
+        for name in sorted(wanted - self.dependencies.keys()):
+            self.dependencies[name] = self.guild.resolve_dependency(name, spec)
+
+    def install(self, agent: Agent[Any], spec: AgentSpec) -> None:
+        """Make ``agent`` the one that handles messages; the engine has paused delivery."""
+        self.agent = agent
+        self.spec = spec
+        self.version = code_version(type(agent), spec)
+        self._dispatch_table = {}
+
+    def topics(self, spec: AgentSpec | None = None) -> set[str]:
+        """The topics the agent listens to under ``spec`` (default: its current spec)."""
+        spec = spec or self.spec
+        topics = {inbox_topic(spec.id), *spec.additional_topics}
+        if spec.listen_to_default_topic:
+            topics.add(self.default_topic)
+        return topics
+
+    # -- dispatch (the hot path) -------------------------------------------------------------
+
+    def dispatch(self, message: Message) -> None:
+        """Run every handler of the agent that matches ``message``, then acknowledge it."""
+        handlers = self._dispatch_table.get(message.format, _NOT_CACHED)
+        if handlers is _NOT_CACHED:
+            handlers = self._handlers_for(message.format)
+        self.in_flight = message
+        try:
+            for handler in handlers:
+                self._run_handler(handler, message)
+        finally:
+            self.in_flight = None
+            self.processed += 1
+            self.mailbox.ack(message)
+
+    def _handlers_for(self, fmt: str) -> tuple[Handler, ...]:
+        short = fmt.rpartition(".")[2]
+        matching = tuple(
+            handler
+            for handler in type(self.agent).handlers
+            if handler.model is dict
+            or payload_format(handler.model) == fmt
+            or handler.model.__qualname__ == short == fmt
+        )
+        self._dispatch_table[fmt] = matching
+        return matching
+
+    def _run_handler(self, handler: Handler, message: Message) -> None:
+        if handler.model is dict:
+            payload = message.payload
+        else:
+            try:
+                payload = handler.model.model_validate(message.payload)
+            except ValidationError as exc:
+                reason = f"payload is not a valid {handler.model.__qualname__}: {exc}"
+                self.dead_letter(message, reason, handler.name)
+                return
+
+        ctx = ProcessContext(self, message, payload)
+        extra = [self.dependencies[name] for name in handler.inject]
+        attempt = 0
+        while True:
+            try:
+                result = handler.func(self.agent, ctx, *extra)
+                if handler.is_async:
+                    run_coroutine(result)
+                return
+            except Exception as exc:
+                attempt += 1
+                if not self.handler_failed(handler, message, exc, attempt):
+                    return
+
+    def handler_failed(
+        self, handler: Handler, message: Message, exc: Exception, attempt: int
+    ) -> bool:
+        """Report a raising handler; dead-letter at the end of the budget. True: retry."""
+        self.errors += 1
+        final = attempt > self.spec.max_retries
+        with log_context(agent_id=self.agent_id, message_id=message.id):
+            logger.error(
+                "handler failed handler=%s attempt=%d final=%s",
+                handler.name,
+                attempt,
+                final,
+                exc_info=exc,
+            )
+        report = ErrorReport(
+            guild_id=self.guild.id,
+            agent_id=self.agent_id,
+            message_id=message.id,
+            message_format=message.format,
+            handler=handler.name,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            attempt=attempt,
+            final=final,
+        )
+        self.publish(self.error_topic, report, in_response_to=message.id)
+        if final:
+            self.dead_letter(message, f"{type(exc).__name__}: {exc}", handler.name)
+        return not final
+
+    def dead_letter(self, message: Message, reason: str, handler: str = "") -> None:
+        """Set ``message`` aside for good; the agent carries on with the next one."""
+        self.dead_lettered += 1
+        with log_context(agent_id=self.agent_id, message_id=message.id):
+            logger.warning("message dead-lettered handler=%s reason=%s", handler, reason)
+        self.guild.bus.dead_letter(self.agent_id, message, reason)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: BaseModel | dict[str, Any],
+        *,
+        in_response_to: int | None = None,
+        thread: int | None = None,
+    ) -> Message:
+        """Publish ``payload`` as this agent on ``topic``."""
+        if isinstance(payload, BaseModel):
+            fmt = payload_format(type(payload))
+            data: Any = payload.model_dump(mode="json")
+        else:
+            fmt, data = "dict", payload
+        message = Message(new_id(), topic, self.agent_id, fmt, data, in_response_to, thread)
+        self._publish(message)
+        return message
+
+    # -- fixtures ---------------------------------------------------------------------------
+
+    def run_fixtures(self, kind: str, agent: Agent[Any] | None = None, *args: Any) -> bool:
+        """Run the agent's ``kind`` hooks; a raising hook is logged and contained."""
+        agent = agent or self.agent
+        ok = True
+        for func in type(agent).fixtures.get(kind, ()):
+            extra = [self.dependencies[name] for name in _fixture_params(func)]
+            try:
+                result = func(agent, *args, *extra)
+                if inspect.iscoroutine(result):
+                    run_coroutine(result)
+            except Exception:
+                ok = False
+                with log_context(agent_id=self.agent_id):
+                    logger.exception("fixture failed fixture=%s hook=%s", kind, func.__name__)
+        return ok
+
+    def has_fixtures(self, kind: str) -> bool:
+        """True when the agent defines hooks of ``kind``."""
+        return bool(type(self.agent).fixtures.get(kind))
+
+
+@functools.cache
+def _fixture_params(func: Callable[..., Any]) -> tuple[str, ...]:
+    """The dependency names a fixture takes after ``self`` (and ``previous`` for reload)."""
+    params = list(inspect.signature(func).parameters)[1:]
+    if getattr(func, "__rustic_fixture__", None) == "reload":
+        params = params[1:]  # the previous instance
+    return tuple(params)

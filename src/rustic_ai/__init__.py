@@ -1,0 +1,1 @@
+"""Compatibility namespace: the import paths of the RusticAI documentation, served by rustic."""

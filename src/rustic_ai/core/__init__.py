@@ -1,0 +1,1 @@
+"""RusticAI core import paths, re-exported from rustic."""
