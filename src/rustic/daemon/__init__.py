@@ -1,0 +1,1 @@
+"""The daemon: lifecycle, control socket and runtime files of a running guild."""
