@@ -102,7 +102,9 @@ def cpython_floor(messages: int) -> float:
 
         def forward(message: tuple[int, str, dict[str, int]]) -> None:
             payload = message[2]
-            out.append((message[0] + 1, "hop", {"seq": payload["seq"], "hops": payload["hops"] + 1}))
+            out.append(
+                (message[0] + 1, "hop", {"seq": payload["seq"], "hops": payload["hops"] + 1})
+            )
 
         return forward
 

@@ -89,6 +89,7 @@ class AgentWrapper:
         self.processed = 0
         self.errors = 0
         self.dead_lettered = 0
+        self.interrupted = 0
         self.in_flight: Message | None = None
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
@@ -160,10 +161,15 @@ class AgentWrapper:
         try:
             for handler in handlers:
                 self._run_handler(handler, message)
-        finally:
+        except BaseException:
+            # A forced stop interrupted the handler: the message was not handled, so it
+            # is neither counted nor acknowledged (a durable bus will redeliver it).
             self.in_flight = None
-            self.processed += 1
-            self.mailbox.ack(message)
+            self.interrupted += 1
+            raise
+        self.in_flight = None
+        self.processed += 1
+        self.mailbox.ack(message)
 
     def _handlers_for(self, fmt: str) -> tuple[Handler, ...]:
         short = fmt.rpartition(".")[2]

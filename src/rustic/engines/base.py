@@ -137,19 +137,18 @@ class BaseExecutionEngine(ABC):
 def call_with_deadline(func: Callable[[], object], timeout: float, label: str) -> bool:
     """Run ``func`` on a helper thread and wait at most ``timeout`` seconds for it.
 
-    Returns False when it raised (logged with its traceback) or did not finish in time
-    (logged with the thread's stack). Used for hooks: one that hangs must not hang a stop.
+    Returns False when it returned False, raised (logged with its traceback) or did not
+    finish in time (logged with the thread's stack). Used for hooks: one that hangs must
+    not hang a stop.
     """
     outcome: list[bool] = []
 
     def run() -> None:
         try:
-            func()
+            outcome.append(func() is not False)
         except Exception:
             logger.exception("hook failed hook=%s", label)
             outcome.append(False)
-        else:
-            outcome.append(True)
 
     thread = threading.Thread(target=run, name=f"rustic-hook-{label}", daemon=True)
     thread.start()

@@ -27,6 +27,7 @@ class SyncExecutionEngine(LocalEngine):
         self.batch_size = batch_size
         self._ready: deque[AgentWrapper] = deque()
         self._wake = threading.Event()
+        self._driving = threading.Lock()  # held by the one thread delivering right now
 
     def _enqueue(self, wrapper: AgentWrapper) -> None:
         self._ready.append(wrapper)
@@ -35,14 +36,30 @@ class SyncExecutionEngine(LocalEngine):
     def run_until_idle(self, timeout: float | None = None) -> int:
         """Handle messages until no agent has mail (or ``timeout`` passes); returns how many."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Another thread may be driving (the daemon's main loop, say): wait our turn, but
+        # never past the deadline, since that thread may be stuck in a handler.
+        if not self._driving.acquire(timeout=-1 if timeout is None else timeout):
+            return 0
+        try:
+            return self._deliver(deadline)
+        finally:
+            self._driving.release()
+
+    def _deliver(self, deadline: float | None) -> int:
         ready = self._ready
         handled = 0
         while ready:
             wrapper = ready.popleft()
             if not self._begin_turn(wrapper):
                 continue
-            handled += self._turn(wrapper)
-            if self._end_turn(wrapper):
+            requeue = False
+            try:
+                handled += self._turn(wrapper)
+            finally:
+                # Runs even when a forced stop interrupts a handler, so that the agent
+                # is not left marked as running.
+                requeue = self._end_turn(wrapper)
+            if requeue:
                 ready.append(wrapper)
             if deadline is not None and time.monotonic() >= deadline:
                 break
