@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_an_agent_never_handles_two_messages_at_once(harness: Harness) -> None:
     for n in range(40):
         harness.send(n, delay=0.002)
     seen = sorted(harness.wait_seen(40, "w"), key=lambda s: s.started)
-    overlaps = [(a.n, b.n) for a, b in zip(seen, seen[1:], strict=False) if b.started < a.ended]
+    overlaps = [(a.n, b.n) for a, b in itertools.pairwise(seen) if b.started < a.ended]
     assert overlaps == []
 
 
