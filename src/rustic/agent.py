@@ -122,6 +122,7 @@ class Agent(Generic[P]):
     spec: AgentSpec
     guild_id: str
     _wrapper: AgentWrapper
+    _dependencies: dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

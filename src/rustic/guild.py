@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from rustic.deps import close_dependency, resolve_dependency
 from rustic.engines import BaseExecutionEngine, SyncExecutionEngine, create_engine
 from rustic.engines.base import AgentInfo, EngineReport
+from rustic.hotswap import ReloadError, ReloadReport, hot_swap
 from rustic.logs import log_context
 from rustic.message import Message, new_id
 from rustic.messaging import MessageBus, open_bus
@@ -102,6 +103,7 @@ class Guild:
         error_topic: str = "error_topic",
         shutdown_timeout: float = 10.0,
         spec: GuildSpec | None = None,
+        app_dir: str | Path | None = None,
     ) -> None:
         self.spec = spec or GuildSpec(
             id=id,
@@ -120,6 +122,7 @@ class Guild:
         self.default_topic = self.spec.default_topic
         self.error_topic = self.spec.error_topic
         self.started_at = time.time()
+        self.app_dir = Path(app_dir).resolve() if app_dir is not None else self._default_app_dir()
 
         self.bus = (
             open_bus(self.spec.resolve_url(messaging)) if isinstance(messaging, str) else messaging
@@ -135,6 +138,7 @@ class Guild:
         self._engines_by_spec: dict[str, BaseExecutionEngine] = {}  # guarded by `_lock`
         self._guild_deps: dict[str, Any] = {}  # guarded by `_lock`
         self._agent_deps: dict[str, dict[str, Any]] = {}  # guarded by `_lock`
+        self._reload_locks: dict[str, threading.Lock] = {}  # guarded by `_lock`
         self._intake_open = True
         self._stopped = False
         self._hurry = threading.Event()
@@ -149,6 +153,7 @@ class Guild:
         *,
         execution_engine: BaseExecutionEngine | EngineSpec | str | None = None,
         only: set[str] | None = None,
+        app_dir: str | Path | None = None,
     ) -> Guild:
         """Build a guild from ``spec`` and launch its agents (or just those in ``only``)."""
         guild = cls(
@@ -157,6 +162,7 @@ class Guild:
             messaging=spec.messaging,
             state=spec.state,
             execution_engine=execution_engine,
+            app_dir=app_dir,
         )
         try:
             for agent_spec in spec.agents:
@@ -180,6 +186,9 @@ class Guild:
         if base not in sys.path:
             sys.path.insert(0, base)
         return cls.from_spec(spec, execution_engine=execution_engine)
+
+    def _default_app_dir(self) -> Path | None:
+        return self.spec.base_dir if self.spec.source is not None else None
 
     def _engine_from(self, engine: BaseExecutionEngine | EngineSpec | str) -> BaseExecutionEngine:
         if isinstance(engine, BaseExecutionEngine):
@@ -255,6 +264,45 @@ class Guild:
         self._close_agent_dependencies(agent_id)
         return ok
 
+    def reload_agent(
+        self, agent_id: str, new_spec: AgentSpec | None = None, timeout: float = 5.0
+    ) -> ReloadReport:
+        """Hot-swap one agent to its current code and ``new_spec`` (default: its spec).
+
+        The agent's module and the project modules it imports (those under the app dir)
+        are re-imported and a new instance is built while the old one serves; then the
+        agent is paused (its in-flight handler finishes, new mail queues), the new
+        instance takes over the same mailbox, state handle and dependencies, its
+        on_reload hooks run with the previous instance, and delivery resumes. Raises
+        ``ReloadError`` naming the failed step; the old version then keeps serving.
+        """
+        wrapper, engine = self._agent(agent_id)
+        with self._reload_lock(agent_id):
+            try:
+                report = hot_swap(
+                    self,
+                    wrapper,
+                    engine,
+                    new_spec or wrapper.spec,
+                    timeout=timeout,
+                    app_dir=self.app_dir,
+                )
+            except ReloadError as exc:
+                wrapper.last_reload = {"at": time.time(), "ok": False, "error": str(exc)}
+                raise
+        wrapper.last_reload = {"at": time.time(), "ok": True, "pause_ms": report.pause_ms}
+        return report
+
+    def _reload_lock(self, agent_id: str) -> threading.Lock:
+        with self._lock:
+            return self._reload_locks.setdefault(agent_id, threading.Lock())
+
+    def adopt_dependencies(self, agent_id: str, dependencies: dict[str, Any]) -> None:
+        """Record agent-scoped dependencies built for a hot swap as the agent's own."""
+        if dependencies:
+            with self._lock:
+                self._agent_deps.setdefault(agent_id, {}).update(dependencies)
+
     def wrapper(self, agent_id: str) -> AgentWrapper:
         """The wrapper of a running agent; raises KeyError for an unknown id."""
         return self._agent(agent_id)[0]
@@ -278,13 +326,24 @@ class Guild:
         with self._lock:
             return list(self._agents)
 
+    def engines(self) -> list[BaseExecutionEngine]:
+        """The engines the guild runs agents on, the default one first."""
+        with self._lock:
+            return list(self._engines)
+
     # -- dependencies -----------------------------------------------------------------------
 
-    def resolve_dependency(self, name: str, spec: AgentSpec) -> Any:
-        """The object injected as ``name`` into agent ``spec.id``; built once per scope."""
+    def resolve_dependency(self, name: str, spec: AgentSpec, fresh: bool = False) -> Any:
+        """The object injected as ``name`` into agent ``spec.id``; built once per scope.
+
+        ``fresh`` builds an agent-scoped dependency anew without caching it: a hot swap
+        whose spec changed that dependency adopts it only if the swap succeeds.
+        """
         agent_spec = spec.dependency_map.get(name)
         with self._lock:
             if agent_spec is not None and agent_spec.scope != "guild":
+                if fresh:
+                    return resolve_dependency(agent_spec, self.id, spec.id)
                 owned = self._agent_deps.setdefault(spec.id, {})
                 if name not in owned:
                     owned[name] = resolve_dependency(agent_spec, self.id, spec.id)

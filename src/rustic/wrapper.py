@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,20 +102,28 @@ class AgentWrapper:
         self.failed = False
         self.where = ""
 
-        self.spec = spec
-        self.agent: Agent[Any] = self.build(spec)
-        self.version = code_version(type(self.agent), spec)
         self._dispatch_table: dict[str, tuple[Handler, ...]] = {}
+        self.agent: Agent[Any] = self.build(spec)
+        self.install(self.agent, spec)
 
     # -- building ---------------------------------------------------------------------------
 
-    def build(self, spec: AgentSpec, agent_class: type[Any] | None = None) -> Agent[Any]:
-        """Make a new agent instance for ``spec`` bound to this wrapper (not yet installed)."""
+    def build(
+        self,
+        spec: AgentSpec,
+        agent_class: type[Any] | None = None,
+        fresh: frozenset[str] = frozenset(),
+    ) -> Agent[Any]:
+        """Make a new agent instance for ``spec`` bound to this wrapper (not yet installed).
+
+        Dependencies already attached are reused, except those named in ``fresh``, which
+        are built anew (their spec changed).
+        """
         cls = agent_class or spec.resolve_class()
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise TypeError(f"{spec.class_name} is not a subclass of rustic.Agent")
         config = cls.properties_model.model_validate(spec.properties)
-        self._resolve_dependencies(cls, spec)
+        dependencies = self._dependencies_for(cls, spec, fresh)
 
         agent: Agent[Any] = cls.__new__(cls)
         agent.id = spec.id
@@ -124,21 +133,30 @@ class AgentWrapper:
         agent.spec = spec
         agent.guild_id = self.guild.id
         agent._wrapper = self
+        agent._dependencies = dependencies
         agent.__init__()  # type: ignore[misc]
         return agent
 
-    def _resolve_dependencies(self, cls: type[Agent[Any]], spec: AgentSpec) -> None:
+    def _dependencies_for(
+        self, cls: type[Agent[Any]], spec: AgentSpec, fresh: frozenset[str]
+    ) -> dict[str, Any]:
+        """The objects ``cls``'s handlers and hooks take, reusing those already attached."""
         wanted = {name for handler in cls.handlers for name in handler.inject}
         for funcs in cls.fixtures.values():
             for func in funcs:
                 wanted.update(_fixture_params(func))
-        for name in sorted(wanted - self.dependencies.keys()):
-            self.dependencies[name] = self.guild.resolve_dependency(name, spec)
+        return {
+            name: self.dependencies[name]
+            if name in self.dependencies and name not in fresh
+            else self.guild.resolve_dependency(name, spec, fresh=name in fresh)
+            for name in sorted(wanted)
+        }
 
     def install(self, agent: Agent[Any], spec: AgentSpec) -> None:
         """Make ``agent`` the one that handles messages; the engine has paused delivery."""
         self.agent = agent
         self.spec = spec
+        self.dependencies = agent._dependencies
         self.version = code_version(type(agent), spec)
         self._dispatch_table = {}
 
@@ -162,14 +180,22 @@ class AgentWrapper:
             for handler in handlers:
                 self._run_handler(handler, message)
         except BaseException:
-            # A forced stop interrupted the handler: the message was not handled, so it
-            # is neither counted nor acknowledged (a durable bus will redeliver it).
-            self.in_flight = None
-            self.interrupted += 1
+            self._settle(message, handled=False)
             raise
+        self._settle(message, handled=True)
+
+    def _settle(self, message: Message, handled: bool) -> None:
+        """Account for the message that was in flight.
+
+        One that a forced stop interrupted was not handled, so it is neither counted nor
+        acknowledged (a durable bus will redeliver it).
+        """
         self.in_flight = None
-        self.processed += 1
-        self.mailbox.ack(message)
+        if handled:
+            self.processed += 1
+            self.mailbox.ack(message)
+        else:
+            self.interrupted += 1
 
     def _handlers_for(self, fmt: str) -> tuple[Handler, ...]:
         short = fmt.rpartition(".")[2]
@@ -183,7 +209,56 @@ class AgentWrapper:
         self._dispatch_table[fmt] = matching
         return matching
 
+    async def dispatch_async(self, message: Message, executor: Executor | None = None) -> None:
+        """Like :meth:`dispatch`, from a task on a running event loop.
+
+        ``async def`` handlers are awaited on that loop; sync handlers run in ``executor``
+        (the loop's default when None), so that none of them blocks the loop.
+        """
+        loop = asyncio.get_running_loop()
+        handlers = self._dispatch_table.get(message.format) or self._handlers_for(message.format)
+        self.in_flight = message
+        try:
+            for handler in handlers:
+                if handler.is_async:
+                    await self._run_async_handler(handler, message)
+                else:
+                    await loop.run_in_executor(executor, self._run_handler, handler, message)
+        except BaseException:
+            self._settle(message, handled=False)  # cancelled by a stop past its deadline
+            raise
+        self._settle(message, handled=True)
+
     def _run_handler(self, handler: Handler, message: Message) -> None:
+        if handler.is_async:
+            run_coroutine(self._run_async_handler(handler, message))
+            return
+        call = self._prepare(handler, message)
+        attempt = 0
+        while call is not None:
+            try:
+                call()
+                return
+            except Exception as exc:
+                attempt += 1
+                if not self.handler_failed(handler, message, exc, attempt):
+                    return
+
+    async def _run_async_handler(self, handler: Handler, message: Message) -> None:
+        call = self._prepare(handler, message)
+        attempt = 0
+        while call is not None:
+            try:
+                await call()
+                return
+            except Exception as exc:
+                attempt += 1
+                if not self.handler_failed(handler, message, exc, attempt):
+                    return
+
+    def _prepare(self, handler: Handler, message: Message) -> Callable[[], Any] | None:
+        """The handler bound to its context and dependencies; None (dead-lettered) if the
+        payload does not validate."""
         if handler.model is dict:
             payload = message.payload
         else:
@@ -192,21 +267,10 @@ class AgentWrapper:
             except ValidationError as exc:
                 reason = f"payload is not a valid {handler.model.__qualname__}: {exc}"
                 self.dead_letter(message, reason, handler.name)
-                return
-
+                return None
         ctx = ProcessContext(self, message, payload)
         extra = [self.dependencies[name] for name in handler.inject]
-        attempt = 0
-        while True:
-            try:
-                result = handler.func(self.agent, ctx, *extra)
-                if handler.is_async:
-                    run_coroutine(result)
-                return
-            except Exception as exc:
-                attempt += 1
-                if not self.handler_failed(handler, message, exc, attempt):
-                    return
+        return functools.partial(handler.func, self.agent, ctx, *extra)
 
     def handler_failed(
         self, handler: Handler, message: Message, exc: Exception, attempt: int

@@ -13,7 +13,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 if TYPE_CHECKING:
-    from rustic.spec import EngineSpec
+    from rustic.agent import Agent
+    from rustic.spec import AgentSpec, EngineSpec
     from rustic.wrapper import AgentWrapper
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,20 @@ class BaseExecutionEngine(ABC):
     @abstractmethod
     def agents(self) -> list[AgentInfo]:
         """A snapshot of every agent this engine runs."""
+
+    def swap(self, wrapper: AgentWrapper, agent: Agent[Any], spec: AgentSpec) -> None:
+        """Install a staged instance of a paused agent (the swap step of a hot reload).
+
+        Runs the new instance's on_reload hooks with the previous instance, then makes it
+        the one that handles messages. Raises ``ReloadError`` (the previous instance stays)
+        when a hook fails. Engines whose agents run elsewhere override this to start the
+        new version there.
+        """
+        from rustic.hotswap import ReloadError
+
+        if not wrapper.run_fixtures("reload", agent, wrapper.agent):
+            raise ReloadError(wrapper.agent_id, "on_reload", "an on_reload hook raised (logged)")
+        wrapper.install(agent, spec)
 
     @classmethod
     def from_spec(cls, spec: EngineSpec) -> Self:
