@@ -7,6 +7,7 @@ from rustic.builders import AgentBuilder, GuildBuilder
 from rustic.engines import (
     AgentInfo,
     AgentState,
+    AsyncioExecutionEngine,
     BaseExecutionEngine,
     EngineReport,
     MultithreadedExecutionEngine,
@@ -26,6 +27,7 @@ __all__ = [
     "AgentInfo",
     "AgentSpec",
     "AgentState",
+    "AsyncioExecutionEngine",
     "BaseExecutionEngine",
     "DependencySpec",
     "EngineReport",

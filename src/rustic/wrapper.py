@@ -75,8 +75,10 @@ class AgentWrapper:
         mailbox: Mailbox,
         state: StateHandle,
         engine_name: str,
+        shadow: bool = False,
     ) -> None:
         self.guild = guild
+        self.shadow = shadow  # the agent runs elsewhere: build it without __init__ or deps
         self.agent_id = spec.id
         self.mailbox = mailbox
         self.state = state
@@ -101,6 +103,7 @@ class AgentWrapper:
         self.stopped = False
         self.failed = False
         self.where = ""
+        self.loop: asyncio.AbstractEventLoop | None = None  # where async handlers run, if not here
 
         self._dispatch_table: dict[str, tuple[Handler, ...]] = {}
         self.agent: Agent[Any] = self.build(spec)
@@ -117,13 +120,14 @@ class AgentWrapper:
         """Make a new agent instance for ``spec`` bound to this wrapper (not yet installed).
 
         Dependencies already attached are reused, except those named in ``fresh``, which
-        are built anew (their spec changed).
+        are built anew (their spec changed). A shadow wrapper's instance is only checked
+        and typed here: its ``__init__`` and dependencies run where the engine hosts it.
         """
         cls = agent_class or spec.resolve_class()
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise TypeError(f"{spec.class_name} is not a subclass of rustic.Agent")
         config = cls.properties_model.model_validate(spec.properties)
-        dependencies = self._dependencies_for(cls, spec, fresh)
+        dependencies = {} if self.shadow else self._dependencies_for(cls, spec, fresh)
 
         agent: Agent[Any] = cls.__new__(cls)
         agent.id = spec.id
@@ -134,7 +138,8 @@ class AgentWrapper:
         agent.guild_id = self.guild.id
         agent._wrapper = self
         agent._dependencies = dependencies
-        agent.__init__()  # type: ignore[misc]
+        if not self.shadow:
+            agent.__init__()  # type: ignore[misc]
         return agent
 
     def _dependencies_for(
@@ -340,16 +345,32 @@ class AgentWrapper:
             try:
                 result = func(agent, *args, *extra)
                 if inspect.iscoroutine(result):
-                    run_coroutine(result)
+                    self._run_hook_coroutine(result)
             except Exception:
                 ok = False
                 with log_context(agent_id=self.agent_id):
                     logger.exception("fixture failed fixture=%s hook=%s", kind, func.__name__)
         return ok
 
+    def _run_hook_coroutine(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run an async hook on the loop the agent's handlers use, when its engine has one:
+        the hook can then close what the handlers opened there."""
+        loop = self.loop
+        if loop is None or not loop.is_running() or _running_loop() is loop:
+            run_coroutine(coro)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, loop).result()
+
     def has_fixtures(self, kind: str) -> bool:
         """True when the agent defines hooks of ``kind``."""
         return bool(type(self.agent).fixtures.get(kind))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @functools.cache

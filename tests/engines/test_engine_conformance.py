@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from conformance_agents import AsyncWorker, BadHook, Counter, Item, Worker
-
-from conftest import Harness, wait_until
+from engine_harness import Harness, wait_until
 
 
 def test_every_published_message_is_handled_once(harness: Harness) -> None:
@@ -204,7 +203,8 @@ def test_agents_reports_tracking_for_each_agent(harness: Harness) -> None:
 
 
 def test_the_engine_is_importable_from_the_documented_path(engine_name: str) -> None:
-    from conftest import ENGINE_FACTORIES
+    from engine_harness import ENGINE_FACTORIES
+
     from rustic_ai.core.guild.execution import BaseExecutionEngine
 
     assert isinstance(ENGINE_FACTORIES[engine_name](), BaseExecutionEngine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
+from rustic.engines.aio import AsyncioExecutionEngine
 from rustic.engines.base import AgentInfo, AgentState, BaseExecutionEngine, EngineReport
 from rustic.engines.sync import SyncExecutionEngine
 from rustic.engines.threads import MultithreadedExecutionEngine
@@ -14,6 +15,7 @@ from rustic.spec import EngineSpec
 __all__ = [
     "AgentInfo",
     "AgentState",
+    "AsyncioExecutionEngine",
     "BaseExecutionEngine",
     "EngineError",
     "EngineReport",
