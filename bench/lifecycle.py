@@ -132,10 +132,11 @@ def _relay_rate(
     guild.launch_agent(relay)
     guild.launch_agent(sink)
     stop = threading.Event()
+    serving = threading.Event()
     pauses: list[float] = []
     driver = None
     if engine_name == "sync":
-        driver = threading.Thread(target=engine.serve, args=(stop,), daemon=True)  # type: ignore[attr-defined]
+        driver = threading.Thread(target=engine.serve, args=(serving,), daemon=True)  # type: ignore[attr-defined]
         driver.start()
 
     def reloader() -> None:
@@ -162,6 +163,7 @@ def _relay_rate(
     elapsed = time.perf_counter() - started
     delivered = guild.wrapper("relay").processed + guild.wrapper("sink").processed
     if driver is not None:
+        serving.set()
         driver.join()
     guild.stop(timeout=5)
     return delivered / elapsed, pauses
