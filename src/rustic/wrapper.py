@@ -268,7 +268,8 @@ class AgentWrapper:
             payload = message.payload
         else:
             try:
-                payload = handler.model.model_validate(message.payload)
+                # The model's own validator: model_validate without its Python wrapper.
+                payload = handler.model.__pydantic_validator__.validate_python(message.payload)
             except ValidationError as exc:
                 reason = f"payload is not a valid {handler.model.__qualname__}: {exc}"
                 self.dead_letter(message, reason, handler.name)
@@ -327,7 +328,7 @@ class AgentWrapper:
         """Publish ``payload`` as this agent on ``topic``."""
         if isinstance(payload, BaseModel):
             fmt = payload_format(type(payload))
-            data: Any = payload.model_dump(mode="json")
+            data: Any = payload.__pydantic_serializer__.to_python(payload, mode="json")
         else:
             fmt, data = "dict", payload
         message = Message(new_id(), topic, self.agent_id, fmt, data, in_response_to, thread)
