@@ -19,6 +19,7 @@ from rustic import Agent, AgentBuilder, AgentSpec, Guild, ProcessContext, proces
 from rustic.engines import BaseExecutionEngine, create_engine
 
 RELAYS = 5
+LAUNCH_AGENTS = 100
 HOPS = RELAYS + 1  # five relays and the sink
 
 
@@ -86,10 +87,48 @@ def run_relay(engine: BaseExecutionEngine | str, messages: int, **guild_args: An
     if not guild.run_until_idle(timeout=300):
         raise RuntimeError("relay workload did not finish in 300 s")
     elapsed = time.perf_counter() - started
+    landed = guild.wrapper("sink").processed  # counted here: the sink may run elsewhere
     guild.stop(timeout=5)
-    if Sink.received != messages:
-        raise RuntimeError(f"sink received {Sink.received} of {messages}")
+    if landed != messages:
+        raise RuntimeError(f"sink received {landed} of {messages}")
     return messages * HOPS / elapsed
+
+
+def time_launch(engine: BaseExecutionEngine, agents: int) -> tuple[float, float]:
+    """Seconds to launch ``agents`` sinks on ``engine``, then until each handled one message."""
+    guild = Guild(id="launch", execution_engine=engine)
+    specs = [
+        AgentBuilder(Sink).set_id(f"sink-{n}").listen_to_default_topic(False).build_spec()
+        for n in range(agents)
+    ]
+    Sink.received = 0
+    started = time.perf_counter()
+    for spec in specs:
+        guild.launch_agent(spec)
+    launched = time.perf_counter() - started
+    for spec in specs:
+        guild.publish(f"agent_inbox:{spec.id}", Hop(seq=0))
+    if not guild.run_until_idle(timeout=60):
+        raise RuntimeError(f"{agents} agents did not handle their first message in 60 s")
+    first = time.perf_counter() - started
+    landed = sum(guild.wrapper(spec.id).processed for spec in specs)
+    guild.stop(timeout=5)
+    if landed != agents:
+        raise RuntimeError(f"{landed} of {agents} sinks got their first message")
+    return launched, first
+
+
+def start_ray() -> float:
+    """Start the local Ray that every ray row shares; returns the seconds it took.
+
+    Ray engines join a Ray already initialised, so its start is counted once, here, and
+    not in the first relay or launch row that happens to need it.
+    """
+    import ray
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - started
 
 
 def cpython_floor(messages: int) -> float:
@@ -130,9 +169,12 @@ def cpython_floor(messages: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--engines", default="sync,multithreaded")
+    parser.add_argument("--engines", default="sync,multithreaded,asyncio,multiprocess,ray")
+    parser.add_argument("--launch-agents", type=int, default=LAUNCH_AGENTS)
     args = parser.parse_args()
 
+    engines = args.engines.split(",")
+    ray_start = start_ray() if "ray" in engines else None
     floor = cpython_floor(args.messages)
     rows = [("cpython floor", floor)]
     for name in args.engines.split(","):
@@ -141,6 +183,14 @@ def main() -> None:
     print(f"{'relay workload':<28}{'deliveries/s':>14}{'of floor':>10}")
     for label, rate in rows:
         print(f"{label:<28}{rate:>14,.0f}{rate / floor:>10.1%}")
+
+    # Measure every launch before printing: Ray reports on stdout while it starts workers.
+    launches = [(name, *time_launch(create_engine(name), args.launch_agents)) for name in engines]
+    print(f"\n{f'launch {args.launch_agents} agents':<28}{'launch ms':>14}{'+ 1st msg ms':>14}")
+    for name, launched, first in launches:
+        print(f"{name:<28}{launched * 1000:>14,.1f}{first * 1000:>14,.1f}")
+    if ray_start is not None:
+        print(f"{'(local ray start, once)':<28}{ray_start * 1000:>14,.1f}")
 
 
 if __name__ == "__main__":

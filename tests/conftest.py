@@ -8,6 +8,9 @@ from typing import Any, NoReturn
 
 import pytest
 
+# `runtime` and `rustic` fixtures: real `rustic` daemons on a private runtime dir.
+pytest_plugins = ["daemon_harness"]
+
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_TEST_DB = 11  # the only database the tests write to, and flush

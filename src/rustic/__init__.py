@@ -10,7 +10,9 @@ from rustic.engines import (
     AsyncioExecutionEngine,
     BaseExecutionEngine,
     EngineReport,
+    MultiprocessExecutionEngine,
     MultithreadedExecutionEngine,
+    RayExecutionEngine,
     SyncExecutionEngine,
 )
 from rustic.guild import Guild, GuildStopping, ShutdownReport
@@ -38,9 +40,11 @@ __all__ = [
     "GuildSpec",
     "GuildStopping",
     "Message",
+    "MultiprocessExecutionEngine",
     "MultithreadedExecutionEngine",
     "NoProperties",
     "ProcessContext",
+    "RayExecutionEngine",
     "ShutdownReport",
     "SpecError",
     "StateHandle",

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rustic.agent import inbox_topic
 from rustic.deps import close_dependency, resolve_dependency
 from rustic.engines import BaseExecutionEngine, SyncExecutionEngine, create_engine
 from rustic.engines.base import AgentInfo, EngineReport
@@ -125,7 +126,9 @@ class Guild:
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else self._default_app_dir()
 
         self.bus = (
-            open_bus(self.spec.resolve_url(messaging)) if isinstance(messaging, str) else messaging
+            open_bus(self.spec.resolve_url(messaging), guild_id=self.id)
+            if isinstance(messaging, str)
+            else messaging
         )
         self.state_store = (
             open_state_store(self.spec.resolve_url(state)) if isinstance(state, str) else state
@@ -165,6 +168,9 @@ class Guild:
             app_dir=app_dir,
         )
         try:
+            # A durable bus learns every agent's topics first, so that mail for agents that
+            # launch later, or run in another daemon (`only`), is kept for them.
+            guild.bus.register_agents({a.id: guild.agent_topics(a) for a in spec.agents})
             for agent_spec in spec.agents:
                 if only is None or agent_spec.id in only:
                     guild.launch_agent(agent_spec)
@@ -233,19 +239,29 @@ class Guild:
         mailbox = self.bus.open_mailbox(spec.id)
         state = StateHandle(self.state_store, state_key_for_agent(self.id, spec.id))
         try:
-            wrapper = AgentWrapper(self, spec, mailbox, state, engine.name)
+            wrapper = AgentWrapper(
+                self, spec, mailbox, state, engine.name, shadow=engine.out_of_process
+            )
         except BaseException:
             self.bus.close_mailbox(spec.id)
             self._close_agent_dependencies(spec.id)
             raise
 
-        # Subscribe, start up, then let the engine deliver what has queued.
-        for topic in sorted(wrapper.topics()):
-            self.bus.subscribe(topic, spec.id)
-        wrapper.run_fixtures("startup")
+        # Subscribe, start up, then let the engine deliver what has queued. An engine that
+        # runs agents elsewhere runs on_startup there, as part of its launch.
+        self.bus.set_subscriptions(spec.id, wrapper.topics())
+        if not engine.out_of_process:
+            wrapper.run_fixtures("startup")
         with self._lock:
             self._agents[spec.id] = (wrapper, engine)
-        engine.launch(wrapper)
+        try:
+            engine.launch(wrapper)
+        except BaseException:
+            with self._lock:
+                del self._agents[spec.id]
+            self.bus.close_mailbox(spec.id)
+            self._close_agent_dependencies(spec.id)
+            raise
         with log_context(guild_id=self.id, agent_id=spec.id):
             logger.debug("agent launched engine=%s version=%s", engine.name, wrapper.version)
         return wrapper
@@ -302,6 +318,13 @@ class Guild:
         if dependencies:
             with self._lock:
                 self._agent_deps.setdefault(agent_id, {}).update(dependencies)
+
+    def agent_topics(self, spec: AgentSpec) -> set[str]:
+        """The topics the agent of ``spec`` listens to in this guild."""
+        topics = {inbox_topic(spec.id), *spec.additional_topics}
+        if spec.listen_to_default_topic:
+            topics.add(self.default_topic)
+        return topics
 
     def wrapper(self, agent_id: str) -> AgentWrapper:
         """The wrapper of a running agent; raises KeyError for an unknown id."""
@@ -404,10 +427,13 @@ class Guild:
             engines = list(self._engines)
         handled_before = self._handled()
         idle = all(engine.wait_idle(slice_timeout) for engine in engines)
+        # Mail a bus still carries through a server (redis) to agents here counts as work.
+        delivered = self.bus.wait_delivered(min(slice_timeout, DRAIN_SLICE))
         return (
             idle
-            and self._handled() == handled_before
+            and delivered
             and all(engine.wait_idle(0) for engine in engines)
+            and self._handled() == handled_before
         )
 
     def _handled(self) -> int:

@@ -75,6 +75,7 @@ class AgentWrapper:
         mailbox: Mailbox,
         state: StateHandle,
         engine_name: str,
+        *,
         shadow: bool = False,
     ) -> None:
         self.guild = guild

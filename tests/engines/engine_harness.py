@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conformance_agents import Collector, Item, Seen
 
+from conformance_agents import Collector, Item, Seen
 from rustic import (
     AgentBuilder,
     AgentSpec,
@@ -20,6 +20,7 @@ from rustic import (
 )
 from rustic.engines.aio import AsyncioExecutionEngine
 from rustic.engines.processes import MultiprocessExecutionEngine
+from rustic.engines.ray import RayExecutionEngine
 
 EngineFactory = Callable[[], BaseExecutionEngine]
 
@@ -34,7 +35,11 @@ ENGINE_FACTORIES: dict[str, EngineFactory] = {
     ),
     "asyncio": lambda: AsyncioExecutionEngine(max_concurrency=64, executor_workers=4),
     "multiprocess": lambda: MultiprocessExecutionEngine(max_workers=2),
+    "ray": RayExecutionEngine,  # joins the session's Ray (the `ray_session` fixture)
 }
+
+# Engines that need a service: marked, so that `-m "not ray"` leaves them out.
+ENGINE_MARKS: dict[str, pytest.MarkDecorator] = {"ray": pytest.mark.ray}
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

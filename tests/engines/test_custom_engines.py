@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conformance_agents import Item
 
+from conformance_agents import Item
 from rustic import EngineSpec, Guild
 from rustic.engines import EngineError, create_engine, engine_class, engine_names
 from rustic.spec import load_guild_spec

@@ -204,7 +204,6 @@ def test_agents_reports_tracking_for_each_agent(harness: Harness) -> None:
 
 def test_the_engine_is_importable_from_the_documented_path(engine_name: str) -> None:
     from engine_harness import ENGINE_FACTORIES
-
     from rustic_ai.core.guild.execution import BaseExecutionEngine
 
     assert isinstance(ENGINE_FACTORIES[engine_name](), BaseExecutionEngine)

@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from reload_project import Project, Running
 
+from reload_project import Project, Running
 from rustic.hotswap import ReloadError
 
 CONSUMER = """

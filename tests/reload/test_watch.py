@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from reload_project import Project
 
+from reload_project import Project
 from rustic import Guild, MultithreadedExecutionEngine
 from rustic.daemon.watch import GuildWatcher
 

@@ -14,6 +14,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._listening: _Listening | None = None  # guarded by _lock
         self._connections: set[socket.socket] = set()  # guarded by _lock
+        self._connection_threads: set[threading.Thread] = set()  # guarded by _lock
         self._stopping = False  # guarded by _lock
 
     def __enter__(self) -> Self:
@@ -188,14 +190,17 @@ class ControlServer:
         """Stop listening, remove the socket file if it is still ours and join the accept thread.
 
         A request already being handled still gets its reply: open connections only stop
-        reading. Calling it again, or before `start`, does nothing.
+        reading, and their threads are given what is left of `timeout` to send it. Calling
+        it again, or before `start`, does nothing.
         """
+        deadline = time.monotonic() + timeout
         with self._lock:
             listening = self._listening
             if listening is None or self._stopping:
                 return
             self._stopping = True
             connections = list(self._connections)
+            threads = list(self._connection_threads)
 
         # Wake the accept loop and wait for it, so nothing is accepted on a closing socket.
         listening.wake_writer.send(b"\0")
@@ -213,6 +218,8 @@ class ControlServer:
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         logger.info("control socket closed path=%s", self.path)
 
     def _bind(self) -> socket.socket:
@@ -270,17 +277,19 @@ class ControlServer:
             return
         conn.setblocking(True)
 
+        thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._serve_connection, conn),
+            name="rustic-control-conn",
+            daemon=True,
+        )
         with self._lock:
             if self._stopping:
                 conn.close()
                 return
             self._connections.add(conn)
-        threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._serve_connection, conn),
-            name="rustic-control-conn",
-            daemon=True,
-        ).start()
+            self._connection_threads.add(thread)
+        thread.start()
 
     def _serve_connection(self, conn: socket.socket) -> None:
         """Answer the requests of one connection until the client hangs up; never raises."""
@@ -294,6 +303,7 @@ class ControlServer:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._connection_threads.discard(threading.current_thread())
 
     def _answer_lines(self, conn: socket.socket, reader: io.BufferedReader) -> None:
         """Reply to each request line in order; a blank line is skipped."""

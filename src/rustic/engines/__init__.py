@@ -7,6 +7,8 @@ from typing import Any
 
 from rustic.engines.aio import AsyncioExecutionEngine
 from rustic.engines.base import AgentInfo, AgentState, BaseExecutionEngine, EngineReport
+from rustic.engines.processes import MultiprocessExecutionEngine
+from rustic.engines.ray import RayExecutionEngine
 from rustic.engines.sync import SyncExecutionEngine
 from rustic.engines.threads import MultithreadedExecutionEngine
 from rustic.imports import import_object
@@ -19,7 +21,9 @@ __all__ = [
     "BaseExecutionEngine",
     "EngineError",
     "EngineReport",
+    "MultiprocessExecutionEngine",
     "MultithreadedExecutionEngine",
+    "RayExecutionEngine",
     "SyncExecutionEngine",
     "create_engine",
     "engine_names",

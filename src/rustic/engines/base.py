@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import threading
@@ -83,6 +84,9 @@ class BaseExecutionEngine(ABC):
     """
 
     name: ClassVar[str] = "custom"
+    # True for engines whose agents run in other processes: the guild then builds only a
+    # shadow instance here (no __init__, no dependencies) and leaves hooks to the engine.
+    out_of_process: ClassVar[bool] = False
 
     @abstractmethod
     def launch(self, wrapper: AgentWrapper) -> None:
@@ -165,7 +169,11 @@ def call_with_deadline(func: Callable[[], object], timeout: float, label: str) -
             logger.exception("hook failed hook=%s", label)
             outcome.append(False)
 
-    thread = threading.Thread(target=run, name=f"rustic-hook-{label}", daemon=True)
+    # The hook logs with the caller's guild and agent ids, which live in contextvars.
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(run,), name=f"rustic-hook-{label}", daemon=True
+    )
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rustic.message import Message
 
 
 def _noop() -> None:
     return None
+
+
+class BusError(RuntimeError):
+    """A bus could not do what was asked: its store is unreachable, full or closed."""
 
 
 class Mailbox(ABC):
@@ -62,10 +66,12 @@ class DeadLetter:
     message: Message
     reason: str
     at: float = field(default_factory=time.time)
+    id: int = 0  # given by the bus that keeps it; names it for `retry_dead_letters`
 
     def to_dict(self) -> dict[str, Any]:
         """Return the dead letter as a JSON-able dict."""
         return {
+            "id": self.id,
             "agent_id": self.agent_id,
             "reason": self.reason,
             "at": self.at,
@@ -79,6 +85,8 @@ class MessageBus(ABC):
     Publishing appends the message to every subscriber's mailbox except the sender's own,
     in publish order. Implementations are thread-safe.
     """
+
+    durable: ClassVar[bool] = False  # True when pending deliveries outlive the process
 
     @abstractmethod
     def open_mailbox(self, agent_id: str) -> Mailbox:
@@ -111,6 +119,37 @@ class MessageBus(ABC):
     @abstractmethod
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter kept, oldest first."""
+
+    def set_subscriptions(self, agent_id: str, topics: Iterable[str]) -> None:
+        """Make ``topics`` exactly the topics ``agent_id`` is subscribed to."""
+        wanted = set(topics)
+        current = self.subscriptions(agent_id)
+        for topic in sorted(wanted - current):
+            self.subscribe(topic, agent_id)
+        for topic in sorted(current - wanted):
+            self.unsubscribe(topic, agent_id)
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait until what this process published to its own agents is in their mailboxes.
+
+        In-process buses deliver during ``publish``, so they never wait; a bus that carries
+        messages through a server (redis) waits for its reader to fetch them.
+        """
+        return True
+
+    def register_agents(self, topics: Mapping[str, Iterable[str]]) -> None:  # noqa: B027
+        """Learn the topics of every agent of a guild spec, whether it runs here or not.
+
+        A durable bus stores them so that mail for agents not launched yet (or running in
+        another daemon) is kept; the in-memory bus ignores this.
+        """
+
+    def retry_dead_letters(self, ids: Iterable[int]) -> list[DeadLetter]:
+        """Deliver the dead letters ``ids`` again, each to the agent that gave up on it.
+
+        They leave the dead-letter store; returns those found (unknown ids are skipped).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot retry dead letters")
 
     def close(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Release connections and files."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
+from collections.abc import Iterable
 
 from rustic.message import Message
 from rustic.messaging.base import DeadLetter, Mailbox, MessageBus
@@ -43,6 +45,7 @@ class MemoryBus(MessageBus):
         self._mailboxes: dict[str, MemoryMailbox] = {}  # guarded by `_lock`
         self._topics: dict[str, tuple[Mailbox, ...]] = {}  # replaced, never mutated, under `_lock`
         self._dead: list[DeadLetter] = []  # guarded by `_lock`
+        self._dead_ids = itertools.count(1)  # guarded by `_lock`
 
     def open_mailbox(self, agent_id: str) -> Mailbox:
         with self._lock:
@@ -96,8 +99,27 @@ class MemoryBus(MessageBus):
 
     def dead_letter(self, agent_id: str, message: Message, reason: str) -> None:
         with self._lock:
-            self._dead.append(DeadLetter(agent_id, message, reason))
+            self._dead.append(DeadLetter(agent_id, message, reason, id=next(self._dead_ids)))
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
             return list(self._dead)
+
+    def retry_dead_letters(self, ids: Iterable[int]) -> list[DeadLetter]:
+        """Put the dead letters ``ids`` back into their agents' mailboxes.
+
+        Only agents with an open mailbox can take one back; the others' stay dead letters.
+        """
+        wanted = set(ids)
+        with self._lock:
+            retried = [
+                dead
+                for dead in self._dead
+                if dead.id in wanted and dead.agent_id in self._mailboxes
+            ]
+            gone = {dead.id for dead in retried}
+            self._dead = [dead for dead in self._dead if dead.id not in gone]
+            boxes = [self._mailboxes[dead.agent_id] for dead in retried]
+        for dead, mailbox in zip(retried, boxes, strict=True):
+            mailbox.put(dead.message)
+        return retried

@@ -3,13 +3,17 @@
 from rustic.engines import (
     AsyncioExecutionEngine,
     BaseExecutionEngine,
+    MultiprocessExecutionEngine,
     MultithreadedExecutionEngine,
+    RayExecutionEngine,
     SyncExecutionEngine,
 )
 
 __all__ = [
     "AsyncioExecutionEngine",
     "BaseExecutionEngine",
+    "MultiprocessExecutionEngine",
     "MultithreadedExecutionEngine",
+    "RayExecutionEngine",
     "SyncExecutionEngine",
 ]

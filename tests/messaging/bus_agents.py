@@ -1,0 +1,161 @@
+"""Agents and helpers shared by the messaging tests (also imported by daemons' guild files)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from rustic import Agent, AgentBuilder, AgentSpec, ProcessContext, processor
+from rustic.message import Message, new_id
+
+
+class Hop(BaseModel):
+    """A numbered message travelling down a chain."""
+
+    seq: int
+    hops: int = 0
+
+
+class Burst(BaseModel):
+    """Asks a source for ``count`` Hops."""
+
+    count: int
+
+
+class SourceProps(BaseModel):
+    """Where a source sends its Hops."""
+
+    topic: str = "hop-0"
+
+
+class Source(Agent[SourceProps]):
+    """Publishes a burst of Hops, all in the one turn that handles the Burst."""
+
+    @processor(Burst)
+    def burst(self, ctx: ProcessContext[Burst]) -> None:
+        for seq in range(ctx.payload.count):
+            ctx.send(Hop(seq=seq), topic=self.config.topic)
+
+
+class RelayProps(BaseModel):
+    """Where a relay forwards to."""
+
+    next_topic: str
+
+
+class Relay(Agent[RelayProps]):
+    """Forwards each Hop one hop further."""
+
+    @processor(Hop)
+    def forward(self, ctx: ProcessContext[Hop]) -> None:
+        ctx.send(Hop(seq=ctx.payload.seq, hops=ctx.payload.hops + 1), topic=self.config.next_topic)
+
+
+class LedgerProps(BaseModel):
+    """The file a ledger appends to, and how long it works on each message."""
+
+    path: str
+    work_s: float = 0.0
+
+
+class Ledger(Agent[LedgerProps]):
+    """Appends each Hop's seq to a file, one line per handling, in one write.
+
+    A line written is a side effect outside the bus: a message handled twice shows up
+    as its seq on two lines.
+    """
+
+    @processor(Hop)
+    def land(self, ctx: ProcessContext[Hop]) -> None:
+        if self.config.work_s:
+            deadline = time.perf_counter() + self.config.work_s
+            while time.perf_counter() < deadline:
+                pass
+        fd = os.open(self.config.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{ctx.payload.seq}\n".encode())
+        finally:
+            os.close(fd)
+
+
+class Collect(Agent):  # type: ignore[type-arg]
+    """Keeps every message it gets, by agent id."""
+
+    journal: ClassVar[dict[str, list[Message]]] = {}
+    lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @processor(dict)
+    def keep(self, ctx: ProcessContext[dict[str, Any]]) -> None:
+        with self.lock:
+            self.journal.setdefault(self.id, []).append(ctx.message)
+
+    @classmethod
+    def seen(cls, agent_id: str) -> list[Message]:
+        with cls.lock:
+            return list(cls.journal.get(agent_id, []))
+
+
+class Refuse(Agent):  # type: ignore[type-arg]
+    """Raises on every Hop until ``accept`` is set, so that each one ends as a dead letter."""
+
+    accept: ClassVar[bool] = False
+    handled: ClassVar[list[int]] = []
+
+    @processor(Hop)
+    def refuse(self, ctx: ProcessContext[Hop]) -> None:
+        if not self.accept:
+            raise ValueError(f"hop {ctx.payload.seq} refused")
+        self.handled.append(ctx.payload.seq)
+
+
+def chain_specs(relays: int, ledger: Path, work_s: float = 0.0) -> list[AgentSpec]:
+    """``relays`` relays from hop-0 to hop-N, then a ledger writing to ``ledger``."""
+    specs = [
+        AgentBuilder(Relay)
+        .set_id(f"relay-{n}")
+        .set_properties({"next_topic": f"hop-{n + 1}"})
+        .add_additional_topic(f"hop-{n}")
+        .listen_to_default_topic(False)
+        .build_spec()
+        for n in range(relays)
+    ]
+    sink = (
+        AgentBuilder(Ledger)
+        .set_id("ledger")
+        .set_properties({"path": str(ledger), "work_s": work_s})
+        .add_additional_topic(f"hop-{relays}")
+        .listen_to_default_topic(False)
+        .build_spec()
+    )
+    return [*specs, sink]
+
+
+def message(topic: str, payload: dict[str, Any], sender: str = "external") -> Message:
+    """A fresh message as a publisher outside the guild would make it."""
+    return Message(new_id(), topic, sender, "dict", payload)
+
+
+def ledger_lines(path: Path) -> list[int]:
+    """The seqs a ledger wrote, in order, one per handling."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in text.splitlines() if line]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Check ``condition`` every 10 ms until it is truthy; raise AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        tick.wait(0.01)
+    return value
