@@ -23,8 +23,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rustic.cli import app
-from rustic.daemon.control import ControlClient, ControlError, DaemonNotRunning
+from rustic.daemon.client import ControlClient, DaemonNotRunning
 from rustic.daemon.paths import socket_path
+from rustic.daemon.protocol import ControlError
 
 WAIT_S = 10.0  # the most any condition in these tests may take to come true
 POLL_S = 0.02

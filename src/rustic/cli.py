@@ -14,12 +14,13 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from rustic.daemon.control import ControlClient, ControlError, DaemonNotRunning
+from rustic.daemon.client import ControlClient, DaemonNotRunning
 from rustic.daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from rustic.daemon.locate import DaemonRef, NoDaemon, SeveralDaemons, find_daemon, probe
 from rustic.daemon.locate import wait_for_exit as wait_for_daemon_exit
 from rustic.daemon.options import RunOptions, UsageError, load_checked_spec
 from rustic.daemon.paths import list_guild_sockets, runtime_dir
+from rustic.daemon.protocol import ControlError
 from rustic.daemon.render import guilds_table, make_console, reload_table, status_table
 from rustic.spec import SpecError
 

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,9 @@ from typing import Any
 import pytest
 
 from rustic.daemon import paths
-from rustic.daemon.control import (
-    MAX_REQUEST_BYTES,
-    ControlClient,
-    ControlError,
-    ControlServer,
-    DaemonAlreadyRunning,
-    DaemonNotRunning,
-    Handler,
-)
+from rustic.daemon.client import ControlClient, DaemonNotRunning
+from rustic.daemon.control import ControlServer, DaemonAlreadyRunning, Handler
+from rustic.daemon.protocol import MAX_REQUEST_BYTES, ControlError
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -403,6 +398,15 @@ def test_stop_leaves_a_socket_file_that_another_daemon_has_taken_over(
         assert sock_path.is_socket()
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    """Poll ``condition`` every 5 ms; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a condition"
+        tick.wait(0.005)
+
+
 def test_stop_lets_a_request_in_progress_deliver_its_reply(sock_path: Path) -> None:
     entered, release = threading.Event(), threading.Event()
 
@@ -418,11 +422,16 @@ def test_stop_lets_a_request_in_progress_deliver_its_reply(sock_path: Path) -> N
     caller.start()
     assert entered.wait(WAIT_S)
 
-    server.stop()
+    # stop() waits for the connection in progress, so it runs beside the release
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    wait_for(lambda: not sock_path.exists())  # the stop is under way: the socket is gone
     release.set()
+    stopper.join(WAIT_S)
     caller.join(WAIT_S)
 
     assert results == ["done"]
+    assert not sock_path.exists()
 
 
 def test_a_client_on_a_missing_socket_raises_daemon_not_running(tmp_path: Path) -> None:

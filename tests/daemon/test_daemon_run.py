@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from daemon_harness import EXAMPLES, Rustic, wait_until, write_guild
-from rustic.daemon.control import MAX_REQUEST_BYTES
 from rustic.daemon.paths import spill_path
+from rustic.daemon.protocol import MAX_REQUEST_BYTES
 
 pytestmark = pytest.mark.timeout(40)
 

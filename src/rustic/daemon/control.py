@@ -1,4 +1,4 @@
-"""Control socket: one JSON request per line from the CLI to a running daemon, one reply back."""
+"""Control socket server: answers the CLI's requests to a running daemon, one thread each."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import contextlib
 import contextvars
 import errno
 import io
-import itertools
-import json
 import logging
 import os
 import selectors
@@ -21,39 +19,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-logger = logging.getLogger(__name__)
+from rustic.daemon.client import ControlClient, DaemonNotRunning
+from rustic.daemon.protocol import (
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    ControlError,
+    decode_request,
+    encode,
+    encode_error,
+    json_type,
+)
 
-PROTOCOL_VERSION = 1
-MAX_REQUEST_BYTES = 64 * 1024
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Any]
 """Answers one op: takes the request's `args` and returns a JSON-serialisable result."""
 
 _PROBE_TIMEOUT_S = 2.0
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-# After these the two ends of a connection no longer agree on where a line starts.
-_CONNECTION_ENDING_CODES = frozenset({"too_large", "bad_reply"})
-
-
-class ControlError(Exception):
-    """An error reply of the control protocol, with its `code` and `message`.
-
-    The client raises it for an error reply; a handler raises it to choose the code of its
-    own reply (any other exception from a handler becomes `failed`).
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class DaemonNotRunning(Exception):
-    """No daemon listens at the control socket: the file is missing or refuses connections."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"no daemon is listening on {path}")
-        self.path = path
 
 
 class DaemonAlreadyRunning(Exception):
@@ -311,7 +293,7 @@ class ControlServer:
             if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
                 # The rest of the line stays unread, so the connection cannot carry on.
                 message = f"request line exceeds {MAX_REQUEST_BYTES} bytes"
-                conn.sendall(_encode_error(None, ControlError("too_large", message)))
+                conn.sendall(encode_error(None, ControlError("too_large", message)))
                 return
             if line.strip():
                 conn.sendall(self._respond(line))
@@ -319,27 +301,27 @@ class ControlServer:
     def _respond(self, line: bytes) -> bytes:
         """Turn one request line into one reply line, whatever the line or the handler does."""
         try:
-            request = _decode_request(line)
+            request = decode_request(line)
         except ControlError as exc:
-            return _encode_error(None, exc)
+            return encode_error(None, exc)
         request_id = request.get("id")
         op = request.get("op")
 
         try:
             result = self._dispatch(request)
         except ControlError as exc:
-            return _encode_error(request_id, exc)
+            return encode_error(request_id, exc)
         except Exception as exc:
             logger.exception("control handler failed op=%s", op)
-            return _encode_error(request_id, ControlError("failed", f"{type(exc).__name__}: {exc}"))
+            return encode_error(request_id, ControlError("failed", f"{type(exc).__name__}: {exc}"))
 
         reply = {"v": PROTOCOL_VERSION, "ok": True, "result": result, "id": request_id}
         try:
-            return _encode(reply)
+            return encode(reply)
         except (TypeError, ValueError) as exc:
             logger.error("control handler result is not json op=%s error=%s", op, exc)
             message = f"result of op {op!r} is not JSON-serialisable: {exc}"
-            return _encode_error(request_id, ControlError("failed", message))
+            return encode_error(request_id, ControlError("failed", message))
 
     def _dispatch(self, request: dict[str, Any]) -> Any:
         """Check a decoded request and run its handler; raise `ControlError` to refuse it."""
@@ -352,7 +334,7 @@ class ControlServer:
             raise ControlError("bad_request", f"op must be a string; got {op!r}")
         args = request.get("args", {})
         if not isinstance(args, dict):
-            raise ControlError("bad_request", f"args must be an object; got {_json_type(args)}")
+            raise ControlError("bad_request", f"args must be an object; got {json_type(args)}")
 
         handler = self._handlers.get(op)
         if handler is None:
@@ -369,147 +351,3 @@ class ControlServer:
     def _ping(self, args: dict[str, Any]) -> dict[str, Any]:
         """Say who serves this socket: the built-in `ping` op."""
         return {"pid": os.getpid(), "guild": self.guild_id}
-
-
-class ControlClient:
-    """Send requests to a daemon's control socket over one connection, opened on first use.
-
-    Not thread-safe: give each thread its own client. The keywords `op` and `timeout` belong
-    to `request`, so an op cannot take arguments with those names.
-    """
-
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._reader: io.BufferedReader | None = None
-        self._ids = itertools.count(1)
-
-    def __enter__(self) -> Self:
-        self.connect()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def connect(self) -> None:
-        """Open the connection unless it is open; raise `DaemonNotRunning` if nobody listens."""
-        if self._sock is not None:
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(os.fspath(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise DaemonNotRunning(self.path) from exc
-        except TimeoutError as exc:
-            sock.close()
-            raise ControlError("timeout", f"connect to {self.path} timed out") from exc
-        self._sock = sock
-        self._reader = sock.makefile("rb")
-
-    def request(self, op: str, timeout: float | None = None, **args: Any) -> Any:
-        """Send `op` with `args` and return the reply's result; raise `ControlError` on error.
-
-        Besides the server's codes, `ControlError` carries `too_large` for a request over
-        `MAX_REQUEST_BYTES` (not sent), and `timeout`, `closed` or `bad_reply` when no whole
-        reply came back within `timeout` (default: the client's); the connection is then
-        closed and the next request opens a new one.
-        """
-        request_id = next(self._ids)
-        line = _encode({"v": PROTOCOL_VERSION, "op": op, "args": args, "id": request_id})
-        if len(line) > MAX_REQUEST_BYTES + 1:
-            message = f"request for op {op!r} is {len(line)} bytes; at most {MAX_REQUEST_BYTES}"
-            raise ControlError("too_large", message)
-
-        self.connect()
-        try:
-            reply = self._exchange(line, self.timeout if timeout is None else timeout)
-            return _result_of(reply, request_id)
-        except ControlError as exc:
-            if exc.code in _CONNECTION_ENDING_CODES:
-                self.close()
-            raise
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Close the connection; the next request opens a new one."""
-        if self._reader is not None:
-            self._reader.close()
-        if self._sock is not None:
-            self._sock.close()
-        self._sock = self._reader = None
-
-    def _exchange(self, line: bytes, timeout: float) -> bytes:
-        """Write one request line and read one reply line on the open connection."""
-        if self._sock is None or self._reader is None:
-            raise RuntimeError("control client is not connected")
-        self._sock.settimeout(timeout)
-        try:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                # If the daemon closed on us, it may have replied first: read that below.
-                self._sock.sendall(line)
-            reply = self._reader.readline()
-        except TimeoutError as exc:
-            self.close()
-            raise ControlError("timeout", f"no reply from {self.path} in {timeout}s") from exc
-        except ConnectionResetError:
-            reply = b""
-        if not reply.endswith(b"\n"):
-            self.close()
-            raise ControlError("closed", f"daemon at {self.path} hung up without a reply")
-        return reply
-
-
-def _decode_request(line: bytes) -> dict[str, Any]:
-    """Parse a request line into a JSON object, or raise a `bad_request` `ControlError`."""
-    try:
-        request = json.loads(line)
-    except (ValueError, RecursionError) as exc:
-        raise ControlError("bad_request", f"request is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        message = f"request must be a JSON object; got {_json_type(request)}"
-        raise ControlError("bad_request", message)
-    return request
-
-
-def _result_of(line: bytes, request_id: int) -> Any:
-    """Return the result of a reply line to request `request_id`, or raise its error."""
-    try:
-        reply = json.loads(line)
-    except ValueError as exc:
-        raise ControlError("bad_reply", f"reply is not valid JSON: {exc}") from None
-    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-        raise ControlError("bad_reply", f"reply is not a protocol reply: {line[:200]!r}")
-    if reply.get("id") not in (request_id, None):
-        raise ControlError("bad_reply", f"reply id {reply.get('id')!r} is not {request_id}")
-    if reply["ok"]:
-        return reply.get("result")
-    error = reply.get("error")
-    if not isinstance(error, dict):
-        raise ControlError("bad_reply", f"error reply without an error object: {line[:200]!r}")
-    raise ControlError(str(error.get("code", "failed")), str(error.get("message", "")))
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    """Serialise one protocol message as a compact JSON line."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _encode_error(request_id: Any, error: ControlError) -> bytes:
-    """Serialise the error reply that carries `error`."""
-    body = {"code": error.code, "message": error.message}
-    return _encode({"v": PROTOCOL_VERSION, "ok": False, "error": body, "id": request_id})
-
-
-def _json_type(value: Any) -> str:
-    """Name the JSON type of a decoded value, for error messages."""
-    return _JSON_TYPES.get(type(value), "number")

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rustic.daemon.control import ControlClient, ControlError, DaemonNotRunning
+from rustic.daemon.client import ControlClient, DaemonNotRunning
 from rustic.daemon.paths import list_guild_sockets, pid_path, socket_path
+from rustic.daemon.protocol import ControlError
 
 PROBE_TIMEOUT_S = 2.0
 POLL_S = 0.02

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from rustic.daemon.control import ControlError, Handler
+from rustic.daemon.control import Handler
+from rustic.daemon.protocol import ControlError
 from rustic.daemon.reloads import ReloadRequestError, reload_from_file
 from rustic.guild import Guild, GuildStopping
 
