@@ -15,8 +15,9 @@ from rustic.engines import (
     RayExecutionEngine,
     SyncExecutionEngine,
 )
-from rustic.guild import Guild, GuildStopping, ShutdownReport
+from rustic.guild import Guild, GuildStopping
 from rustic.message import ErrorReport, Message
+from rustic.shutdown import ShutdownReport
 from rustic.spec import AgentSpec, DependencySpec, EngineSpec, GuildSpec, SpecError
 from rustic.state import StateHandle
 

@@ -6,7 +6,6 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,13 +13,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from rustic.agent import inbox_topic
-from rustic.deps import close_dependency, resolve_dependency
+from rustic.deps import DependencyScopes
 from rustic.engines import BaseExecutionEngine, SyncExecutionEngine, create_engine
-from rustic.engines.base import AgentInfo, EngineReport
+from rustic.engines.base import AgentInfo
 from rustic.hotswap import ReloadError, ReloadReport, hot_swap
 from rustic.logs import log_context
 from rustic.message import Message, new_id
 from rustic.messaging import MessageBus, open_bus
+from rustic.shutdown import ShutdownReport
 from rustic.spec import AgentSpec, DependencySpec, EngineSpec, GuildSpec, load_guild_spec
 from rustic.state import (
     StateHandle,
@@ -40,45 +40,6 @@ HURRIED_TIMEOUT = 1.0  # what teardown gets when a second signal skips the waiti
 
 class GuildStopping(RuntimeError):
     """The guild no longer takes messages from outside: it is stopping."""
-
-
-@dataclass
-class ShutdownReport:
-    """The accounting of a guild's stop: every message is handled, pending or dead."""
-
-    handled: int = 0
-    pending: int = 0
-    dead_lettered: int = 0
-    drained: bool = True
-    hooks_failed: list[str] = field(default_factory=list)
-    not_joined: list[str] = field(default_factory=list)
-    stuck_agents: list[str] = field(default_factory=list)
-    dependencies_failed: list[str] = field(default_factory=list)
-    duration: float = 0.0
-
-    @property
-    def clean(self) -> bool:
-        """True when every hook ran, every dependency closed and every worker joined."""
-        return not (
-            self.hooks_failed or self.not_joined or self.stuck_agents or self.dependencies_failed
-        )
-
-    def add(self, report: EngineReport) -> None:
-        """Fold one engine's report into this one."""
-        self.handled += report.handled
-        self.pending += report.pending
-        self.dead_lettered += report.dead_lettered
-        self.hooks_failed += report.hooks_failed
-        self.not_joined += report.not_joined
-        self.stuck_agents += report.stuck_agents
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the report as a JSON-able dict."""
-        return {**vars(self), "clean": self.clean}
-
-    def summary(self) -> str:
-        """One line accounting for every message."""
-        return f"handled={self.handled} pending={self.pending} dead_lettered={self.dead_lettered}"
 
 
 class Guild:
@@ -139,8 +100,7 @@ class Guild:
         self._agents: dict[str, tuple[AgentWrapper, BaseExecutionEngine]] = {}  # guarded by `_lock`
         self._engines: list[BaseExecutionEngine] = []  # guarded by `_lock`
         self._engines_by_spec: dict[str, BaseExecutionEngine] = {}  # guarded by `_lock`
-        self._guild_deps: dict[str, Any] = {}  # guarded by `_lock`
-        self._agent_deps: dict[str, dict[str, Any]] = {}  # guarded by `_lock`
+        self.dependencies = DependencyScopes(self.id, self.spec.dependency_map)
         self._reload_locks: dict[str, threading.Lock] = {}  # guarded by `_lock`
         self._intake_open = True
         self._stopped = False
@@ -244,7 +204,7 @@ class Guild:
             )
         except BaseException:
             self.bus.close_mailbox(spec.id)
-            self._close_agent_dependencies(spec.id)
+            self.dependencies.close_agent(spec.id)
             raise
 
         # Subscribe, start up, then let the engine deliver what has queued. An engine that
@@ -260,7 +220,7 @@ class Guild:
             with self._lock:
                 del self._agents[spec.id]
             self.bus.close_mailbox(spec.id)
-            self._close_agent_dependencies(spec.id)
+            self.dependencies.close_agent(spec.id)
             raise
         with log_context(guild_id=self.id, agent_id=spec.id):
             logger.debug("agent launched engine=%s version=%s", engine.name, wrapper.version)
@@ -277,7 +237,7 @@ class Guild:
             logger.warning(
                 "agent stopped with mail queued agent_id=%s dropped=%d", agent_id, len(left)
             )
-        self._close_agent_dependencies(agent_id)
+        self.dependencies.close_agent(agent_id)
         return ok
 
     def reload_agent(
@@ -315,9 +275,7 @@ class Guild:
 
     def adopt_dependencies(self, agent_id: str, dependencies: dict[str, Any]) -> None:
         """Record agent-scoped dependencies built for a hot swap as the agent's own."""
-        if dependencies:
-            with self._lock:
-                self._agent_deps.setdefault(agent_id, {}).update(dependencies)
+        self.dependencies.adopt(agent_id, dependencies)
 
     def agent_topics(self, spec: AgentSpec) -> set[str]:
         """The topics the agent of ``spec`` listens to in this guild."""
@@ -357,37 +315,8 @@ class Guild:
     # -- dependencies -----------------------------------------------------------------------
 
     def resolve_dependency(self, name: str, spec: AgentSpec, fresh: bool = False) -> Any:
-        """The object injected as ``name`` into agent ``spec.id``; built once per scope.
-
-        ``fresh`` builds an agent-scoped dependency anew without caching it: a hot swap
-        whose spec changed that dependency adopts it only if the swap succeeds.
-        """
-        agent_spec = spec.dependency_map.get(name)
-        with self._lock:
-            if agent_spec is not None and agent_spec.scope != "guild":
-                if fresh:
-                    return resolve_dependency(agent_spec, self.id, spec.id)
-                owned = self._agent_deps.setdefault(spec.id, {})
-                if name not in owned:
-                    owned[name] = resolve_dependency(agent_spec, self.id, spec.id)
-                return owned[name]
-            dep_spec = agent_spec or self.spec.dependency_map.get(name)
-            if dep_spec is None:
-                known = sorted({*spec.dependency_map, *self.spec.dependency_map}) or ["none"]
-                raise LookupError(
-                    f"agent {spec.id!r}: parameter {name!r} names no dependency "
-                    f"(dependency_map has: {', '.join(known)})"
-                )
-            if name not in self._guild_deps:
-                self._guild_deps[name] = resolve_dependency(dep_spec, self.id, None)
-            return self._guild_deps[name]
-
-    def _close_agent_dependencies(self, agent_id: str) -> list[str]:
-        with self._lock:
-            owned = self._agent_deps.pop(agent_id, {})
-        return [
-            f"{agent_id}.{name}" for name, obj in owned.items() if not close_dependency(name, obj)
-        ]
+        """The object injected as ``name`` into agent ``spec.id``; see DependencyScopes."""
+        return self.dependencies.resolve(name, spec.id, spec.dependency_map, fresh)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -502,11 +431,7 @@ class Guild:
             report.add(engine.shutdown(max(budget, 0.2)))
 
         # (4) Dependencies close after every hook that might still use them.
-        for agent_id in list(self._agent_deps):
-            report.dependencies_failed += self._close_agent_dependencies(agent_id)
-        for name, obj in self._guild_deps.items():
-            if not close_dependency(name, obj):
-                report.dependencies_failed.append(name)
+        report.dependencies_failed += self.dependencies.close_all()
 
         # (5) Account, then release the backends.
         report.duration = time.monotonic() - started

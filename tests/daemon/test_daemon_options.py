@@ -15,7 +15,7 @@ from daemon_harness import write_guild
 from rustic.daemon.options import RunOptions, UsageError, apply_overrides, check_only
 from rustic.daemon.render import accounting_line, drain_progress, format_duration
 from rustic.daemon.signals import SignalRelay
-from rustic.guild import ShutdownReport
+from rustic.shutdown import ShutdownReport
 from rustic.spec import load_guild_spec
 
 pytestmark = pytest.mark.timeout(10)

@@ -126,7 +126,8 @@ def test_state_and_dependencies_live_in_the_child_and_state_survives_a_restart(
     wait_until(lambda: state.get().get("count") == 10, what="count 10")
     first_pid = state.get()["pid"]
     assert state.get() == {"starts": 1, "pid": first_pid, "count": 10, "last": 9}
-    assert "t" not in remote.guild._agent_deps  # the store was built in the child only
+    # the store was built in the child only
+    assert "t" not in remote.guild.dependencies.agent_scoped
 
     # When the child dies and the agent is rebuilt, its state carries on from the guild's copy
     os.kill(first_pid, signal.SIGKILL)

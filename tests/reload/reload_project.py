@@ -63,7 +63,7 @@ class Running:
             self._driver.start()
 
     def store(self) -> Any:
-        return self.guild._guild_deps["store"]
+        return self.guild.dependencies.guild_scoped["store"]
 
     def stop(self) -> Any:
         self._stop.set()

@@ -76,7 +76,7 @@ class Watched:
         self.watcher.start()
 
     def store(self) -> object:
-        return self.guild._guild_deps["store"]
+        return self.guild.dependencies.guild_scoped["store"]
 
     def said(self, agent_id: str, n: int, topic: str) -> object:
         self.guild.publish(topic, {"n": n}, format="Item")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rustic.guild import ShutdownReport
+from rustic.shutdown import ShutdownReport
 
 PROGRESS_REFRESH_S = 0.1
 _STATE_STYLES = {"running": "green", "paused": "yellow", "failed": "bold red", "stopped": "dim"}

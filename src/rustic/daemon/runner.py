@@ -24,8 +24,9 @@ from rustic.daemon.render import accounting_line, agents_table, drain_progress
 from rustic.daemon.signals import STOP_SIGNALS, SignalRelay
 from rustic.daemon.spill import replay_spilled, spill_pending
 from rustic.engines import SyncExecutionEngine
-from rustic.guild import Guild, ShutdownReport
+from rustic.guild import Guild
 from rustic.logs import bind_guild, configure_logging
+from rustic.shutdown import ShutdownReport
 from rustic.spec import GuildSpec, SpecError
 from rustic.wrapper import AgentWrapper
 

@@ -137,7 +137,7 @@ class AgentHost:
         """Close the agent's own dependencies; guild-scoped ones live as long as the host."""
         # The host guild is used only for its dependency scopes, so its own bookkeeping
         # of agent-scoped dependencies is the one to release.
-        for failed in self.guild._close_agent_dependencies(self.agent_id):
+        for failed in self.guild.dependencies.close_agent(self.agent_id):
             logger.warning("dependency did not close dependency=%s", failed)
         self.bus.close_mailbox(self.agent_id)
 
@@ -255,7 +255,7 @@ def close_host_guilds() -> None:
         _guilds.clear()
     for guild in guilds:
         # A host guild never runs agents itself: its dependencies are all it holds.
-        for name, obj in guild._guild_deps.items():
+        for name, obj in guild.dependencies.guild_scoped.items():
             close_dependency(name, obj)
 
 
