@@ -334,3 +334,24 @@ def test_reloading_an_unknown_agent_names_the_running_ones(
     launch_pair(project, running)
     with pytest.raises(KeyError, match="consumer"):
         running.guild.reload_agent("nobody")
+
+
+def test_a_constructor_that_raises_fails_the_build_and_the_old_version_serves(
+    project: Project, running: Running
+) -> None:
+    launch_pair(project, running)
+    raising = CONSUMER.format(version="v1") + (
+        "\n    def _refuse(self) -> None:\n"
+        "        raise RuntimeError('constructor refuses')\n\n\n"
+        "    Consumer.__init__ = _refuse\n"
+    )
+    project.write("agents", raising)
+
+    with pytest.raises(ReloadError) as caught:
+        running.guild.reload_agent("consumer")
+
+    assert caught.value.step == "build"
+    assert "constructor refuses" in caught.value.reason
+    running.guild.publish("items", {"n": 4}, format="Item")
+    wait_until(lambda: running.store().get("n4") == 1)
+    assert running.store().get("v4") == "v0x"

@@ -6,6 +6,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,23 @@ def test_files_in_caches_and_virtualenvs_are_ignored(watched: Watched) -> None:
 
 def test_agents_module_text_is_valid_python() -> None:
     compile(textwrap.dedent(AGENT.format(package="p", version="v")), "agent", "exec")
+
+
+def test_the_watch_filter_keeps_python_and_the_guild_file_and_honours_excludes(
+    tmp_path: Path,
+) -> None:
+    from watchfiles import Change
+
+    from rustic.daemon.watch import WatchFilter
+
+    guild_file = tmp_path / "guild.yaml"
+    runtime = tmp_path / "run"
+    keep = WatchFilter(guild_file, [runtime], ["*_scratch.py", "*/vendor/*"])
+
+    assert keep(Change.modified, str(guild_file))
+    assert keep(Change.modified, str(tmp_path / "agents" / "a.py"))
+    assert not keep(Change.modified, str(tmp_path / "other.yaml"))
+    assert not keep(Change.modified, str(tmp_path / "notes_scratch.py"))
+    assert not keep(Change.modified, str(tmp_path / "vendor" / "lib.py"))
+    assert not keep(Change.modified, str(runtime / "x.py"))
+    assert not keep(Change.modified, str(tmp_path / "__pycache__" / "a.py"))
