@@ -31,6 +31,7 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/lifecycle.py
+	$(BIN)/python bench/recovery.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

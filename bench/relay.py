@@ -8,6 +8,9 @@ and function calls with the same shape (six hops, a small dict payload re-made p
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -166,11 +169,50 @@ def cpython_floor(messages: int) -> float:
     return messages * HOPS / elapsed
 
 
+def durable_rows(pairs: str, messages: int) -> list[tuple[str, float]]:
+    """The relay on durable buses: a fresh sqlite file, or a Redis database of the bench's own."""
+    rows = []
+    for pair in filter(None, pairs.split(",")):
+        name, _, backend = pair.partition(":")
+        with tempfile.TemporaryDirectory() as folder:
+            url = f"sqlite:///{folder}/relay.db" if backend == "sqlite" else bench_redis()
+            if url is None:
+                print(f"{name}, {backend}: skipped, redis unreachable", file=sys.stderr)
+                continue
+            rate = run_relay(create_engine(name), messages, messaging=url)
+        rows.append((f"{name}, {backend}", rate))
+    return rows
+
+
+def bench_redis() -> str | None:
+    """The bench's Redis URL with the last run's keys removed, or None when unreachable."""
+    url = os.environ.get("RUSTIC_BENCH_REDIS", "redis://127.0.0.1:6379/13")
+    try:
+        import redis
+    except ImportError:
+        return None
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        stale = list(client.scan_iter(match="rustic:bus:bench:*", count=1000))
+        if stale:
+            client.delete(*stale)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--engines", default="sync,multithreaded,asyncio,multiprocess,ray")
     parser.add_argument("--launch-agents", type=int, default=LAUNCH_AGENTS)
+    parser.add_argument(
+        "--durable",
+        default="sync:sqlite,multithreaded:redis",
+        help="engine:backend rows on durable buses (redis: $RUSTIC_BENCH_REDIS, db 13)",
+    )
     args = parser.parse_args()
 
     engines = args.engines.split(",")
@@ -180,6 +222,7 @@ def main() -> None:
     for name in args.engines.split(","):
         engine = create_engine(name) if name != "multithreaded" else create_engine("multithreaded")
         rows.append((f"{name}, memory", run_relay(engine, args.messages)))
+    rows += durable_rows(args.durable, args.messages)
     print(f"{'relay workload':<28}{'deliveries/s':>14}{'of floor':>10}")
     for label, rate in rows:
         print(f"{label:<28}{rate:>14,.0f}{rate / floor:>10.1%}")

@@ -283,6 +283,55 @@ def guilds(
         console.print(guilds_table(console, rows))
 
 
+dead_letters_app = typer.Typer(
+    no_args_is_help=True, help="List the messages agents gave up on, and deliver them again."
+)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    agent: Annotated[str | None, typer.Option(help="Only this agent's dead letters.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+    guild: GuildOpt = None,
+    runtime_dir: RuntimeDirOpt = None,
+) -> None:
+    """List a running guild's dead letters, oldest first."""
+    from rustic.daemon.dead_letters import dead_letters_table
+
+    _, ref = _find(guild, runtime_dir)
+    with ControlClient(ref.socket) as client:
+        letters = _request(client, "dead_letters", agent=agent)["dead_letters"]
+    if as_json:
+        print(json.dumps(letters))
+    elif not letters:
+        print(f"no dead letters in guild {ref.guild_id}")
+    else:
+        console = make_console()
+        console.print(dead_letters_table(console, letters))
+
+
+@dead_letters_app.command("retry")
+def dead_letters_retry(
+    ids: Annotated[list[int] | None, typer.Argument(help="Ids of the dead letters.")] = None,
+    *,
+    all_letters: Annotated[bool, typer.Option("--all", help="Retry every dead letter.")] = False,
+    guild: GuildOpt = None,
+    runtime_dir: RuntimeDirOpt = None,
+) -> None:
+    """Deliver dead letters again, each to the agent that gave up on it."""
+    if all_letters == bool(ids):
+        _fail("name the dead letters to retry, or pass --all", EXIT_USAGE)
+    _, ref = _find(guild, runtime_dir)
+    with ControlClient(ref.socket) as client:
+        result = _request(client, "retry_dead_letters", ids=ids or None, all=all_letters)
+    for dead in result["retried"]:
+        print(f"retried id={dead['id']} agent={dead['agent_id']} message={dead['message']['id']}")
+    for dead_id in result["skipped"]:
+        print(f"skipped id={dead_id}: no such dead letter, or its agent is not running here")
+    raise typer.Exit(EXIT_FAILURE if result["skipped"] else EXIT_OK)
+
+
 def main() -> None:
     """Entry point of the `rustic` console script."""
     try:

@@ -114,6 +114,24 @@ class Refuse(Agent):  # type: ignore[type-arg]
         self.handled.append(ctx.payload.seq)
 
 
+class PickyProps(BaseModel):
+    """The file whose presence makes a picky agent refuse, and its ledger."""
+
+    refuse_while: str
+    ledger: str
+
+
+class Picky(Agent[PickyProps]):
+    """Refuses every Hop while a file exists; after that, writes each seq to its ledger."""
+
+    @processor(Hop)
+    def take(self, ctx: ProcessContext[Hop]) -> None:
+        if os.path.exists(self.config.refuse_while):
+            raise ValueError(f"hop {ctx.payload.seq} refused")
+        with open(self.config.ledger, "a", encoding="utf-8") as ledger:
+            ledger.write(f"{ctx.payload.seq}\n")
+
+
 def chain_specs(relays: int, ledger: Path, work_s: float = 0.0) -> list[AgentSpec]:
     """``relays`` relays from hop-0 to hop-N, then a ledger writing to ``ledger``."""
     specs = [

@@ -163,8 +163,8 @@ def test_registering_a_spec_forgets_agents_it_no_longer_has(db: Path) -> None:
     bus.close()
 
 
-def test_handled_messages_beyond_the_retention_count_are_pruned(db: Path) -> None:
-    # Given a bus that keeps 5 handled messages, 20 handled and 3 pending
+def test_handled_deliveries_beyond_the_retention_count_are_pruned(db: Path) -> None:
+    # Given a bus that keeps 5 deliveries per agent, 20 handled and 3 pending
     bus = SqliteBus(db, Retention(count=5))
     bus.set_subscriptions("a", {"t"})
     mailbox = bus.open_mailbox("a")
@@ -181,9 +181,8 @@ def test_handled_messages_beyond_the_retention_count_are_pruned(db: Path) -> Non
     # When the bus prunes
     bus.prune()
 
-    # Then at most the newest 5 messages are kept, and every pending one is among them
-    stored = _count(db, "SELECT count(*) FROM messages")
-    assert stored <= 5
+    # Then the newest 5 deliveries are kept: the 3 pending ones and 2 handled
+    assert _count(db, "SELECT count(*) FROM deliveries") == 5
     assert _count(db, "SELECT count(*) FROM deliveries WHERE acked_at IS NULL") == 3
     bus.close()
     assert SqliteBus(db).open_mailbox("a").drain() == pending
@@ -209,9 +208,8 @@ def test_handled_messages_older_than_max_age_are_pruned_but_dead_letters_stay(db
     # When the bus prunes
     bus.prune()
 
-    # Then only the fresh message is left, and the dead letter is kept
-    assert _count(db, "SELECT id FROM messages") == fresh.id
-    assert _count(db, "SELECT count(*) FROM deliveries") == 1
+    # Then only the fresh delivery is left, and the dead letter is kept
+    assert _count(db, "SELECT message_id FROM deliveries") == fresh.id
     assert [dead.message for dead in bus.dead_letters()] == [old[0]]
     bus.close()
 

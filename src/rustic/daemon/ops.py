@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from rustic.daemon.control import Handler
+from rustic.daemon.dead_letters import dead_letter_handlers
 from rustic.daemon.protocol import ControlError
 from rustic.daemon.reloads import ReloadRequestError, reload_from_file
 from rustic.guild import Guild, GuildStopping
@@ -19,7 +20,13 @@ READY_WAIT = 60.0  # how long a request waits for the guild to finish launching
 def control_handlers(daemon: Daemon) -> dict[str, Handler]:
     """Map each op to its handler."""
     ops = ControlOps(daemon)
-    return {"status": ops.status, "send": ops.send, "stop": ops.stop, "reload": ops.reload}
+    return {
+        "status": ops.status,
+        "send": ops.send,
+        "stop": ops.stop,
+        "reload": ops.reload,
+        **dead_letter_handlers(ops.running_guild),
+    }
 
 
 class ControlOps:

@@ -33,7 +33,7 @@ RETRY_FIRST = 0.05  # seconds before the first retry of a failed store; doubles 
 RETRY_MAX = 2.0  # the longest pause between two retries
 PUBLISH_PATIENCE = 3.0  # how long a publish from outside a handler retries before it raises
 
-DEFAULT_RETENTION = 100_000  # handled messages kept
+DEFAULT_RETENTION = 10_000  # handled deliveries kept per agent
 DEFAULT_MAX_AGE = 7 * 24 * 3600.0  # seconds a handled message is kept
 _ID_TIME_SHIFT = 22  # a message id is its millisecond shifted left by this (rustic.message)
 
@@ -42,10 +42,11 @@ Dead = tuple[str, Message, str]  # (agent id, message, reason)
 
 @dataclass(frozen=True)
 class Retention:
-    """How much history a durable bus keeps: pending deliveries and dead letters are never pruned.
+    """How much history a durable bus keeps of each agent's handled deliveries.
 
-    A handled message is pruned once it is older than ``max_age`` seconds or once it is not
-    among the newest ``count`` messages. Set both in the bus URL:
+    A handled delivery is pruned once its message is older than ``max_age`` seconds, or
+    once it is not among the agent's newest ``count`` deliveries. Pending deliveries and
+    dead letters are never pruned. Set both in the bus URL:
     ``sqlite:///bus.db?retention=10000&max_age=3600``.
     """
 
@@ -211,8 +212,9 @@ class DurableBus(MessageBus):
         """Store publishes, an acknowledgement and dead letters in one commit.
 
         Retries while the store is unreachable; raises :class:`BusError` once ``patience``
-        seconds have passed (never, for None) or the bus is closed, with nothing stored.
-        Returns how many deliveries the publishes made.
+        seconds have passed (never, for None) or the bus is closed. Nothing is stored then,
+        unless the store is a server whose reply was lost after it did the work. Returns how
+        many deliveries the publishes made.
         """
 
     @abstractmethod

@@ -7,98 +7,21 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rustic.message import Message
 from rustic.messaging.base import BusError, DeadLetter
 from rustic.messaging.durable import Dead, DurableBus, DurableMailbox, Retention, decode, encode
+from rustic.messaging.redis_conn import Link, connect, import_redis, redact
 from rustic.messaging.redis_scripts import COMMIT, GROUP, PRUNE, RETRY, SUBSCRIBE
-from rustic.messaging.redis_threads import Committer, Reader
+from rustic.messaging.redis_threads import Committer, Entry, InTransit, Pair, Reader, RedisMailbox
 
 logger = logging.getLogger(__name__)
 
 CLAIM_BATCH = 1_000  # entries reclaimed per XAUTOCLAIM call
-RECENT_ACKS = 1_000  # message ids each mailbox remembers having acknowledged
 DEFAULT_WINDOW = 64  # turns an agent may hand to the committer before it waits for Redis
-SOCKET_TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_S = 2.0
-
-Entry = tuple[bytes, Message]  # a stream entry id and the message it holds
-
-
-class RedisMailbox(DurableMailbox):
-    """A mailbox fed by the bus's reader thread; it knows each message's stream entry."""
-
-    def __init__(self, bus: RedisBus, agent_id: str) -> None:
-        super().__init__(bus, agent_id)
-        self.stream = bus.inbox(agent_id)
-        self.window = threading.Semaphore(bus.window)  # turns handed over, not yet in Redis
-        self.entries: dict[int, bytes] = {}  # entry id by message id, queued or in flight
-        self._recent: deque[int] = deque(maxlen=RECENT_ACKS)  # acknowledged here, newest last
-        self._recent_set: set[int] = set()  # the same ids, to look up
-
-    def knows(self, message_id: int) -> bool:
-        """True when the message is queued, in flight or was recently acknowledged here."""
-        return message_id in self.entries or message_id in self._recent_set
-
-    def acknowledged(self, message_id: int) -> None:
-        """Forget the message's entry; remember its id, to skip a duplicate entry."""
-        self.entries.pop(message_id, None)
-        if len(self._recent) == RECENT_ACKS:
-            self._recent_set.discard(self._recent[0])
-        self._recent.append(message_id)
-        self._recent_set.add(message_id)
-
-
-class InTransit:
-    """What this process sent toward its own agents and has not seen arrive yet.
-
-    Turns handed to the committer count until they are in Redis; each delivery a commit
-    makes to an agent running here counts until the reader has put it in the mailbox.
-    ``Guild.run_until_idle`` and the drain of a stop wait for both to reach zero.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pairs: set[tuple[str, int]] = set()  # (agent, message id); guarded by `_cond`
-        self._turns = 0  # turns not yet committed; guarded by `_cond`
-
-    def expect(self, pairs: set[tuple[str, int]]) -> None:
-        """Count deliveries a commit is about to make."""
-        if pairs:
-            with self._cond:
-                self._pairs |= pairs
-
-    def arrived(self, pairs: set[tuple[str, int]]) -> None:
-        """Stop counting deliveries that reached their mailbox (or will not be made)."""
-        if pairs and self._pairs:
-            with self._cond:
-                self._pairs -= pairs
-                self._cond.notify_all()
-
-    def forget(self, agent_id: str) -> None:
-        """Stop counting deliveries to an agent whose mailbox closed."""
-        with self._cond:
-            self._pairs = {pair for pair in self._pairs if pair[0] != agent_id}
-            self._cond.notify_all()
-
-    def turn_started(self) -> None:
-        with self._cond:
-            self._turns += 1
-
-    def turn_ended(self) -> None:
-        with self._cond:
-            self._turns -= 1
-            self._cond.notify_all()
-
-    def wait(self, timeout: float) -> bool:
-        """Wait until nothing is in transit; False at the deadline."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not (self._pairs or self._turns), timeout)
 
 
 class RedisBus(DurableBus):
@@ -106,13 +29,18 @@ class RedisBus(DurableBus):
 
     Each agent's deliveries are a stream, ``rustic:bus:<guild>:inbox:<agent>``, with one
     consumer group; one reader thread per bus feeds the local mailboxes with XREADGROUP.
-    A publish is one script call that looks up the topic's subscribers in Redis (so agents
-    of daemons on other hosts are included) and appends to each one's stream; a handler's
-    turn (its publishes, its dead letters and the XACK) is one script call too, so it is
-    stored whole or not at all. Guarantees and limits:
+    Publishing runs a script that looks up the topic's subscribers in Redis (so agents of
+    daemons on other hosts are included) and appends to each one's stream. A handler's
+    turn (its publishes, dead letters and XACK) is committed by the same script, whole or
+    not at all, batched with other turns by a committer thread. Guarantees and limits:
 
     - A publish from outside a handler is in Redis before ``publish`` returns; how durable
       Redis keeps it is up to Redis's own persistence settings.
+    - An agent goes on to its next message while its last turn is on its way to Redis; it
+      waits when ``window`` of its turns are. A crash redelivers those turns' messages and
+      the one being handled (their outputs were not published): at most ``window + 1``
+      per agent. ``?window=0`` in the URL commits each turn before the next message, like
+      the sqlite bus, at a cost in throughput.
     - At ``open_mailbox`` the agent's pending entries, left by a consumer that died (any
       daemon that ran the agent before), are claimed with XAUTOCLAIM and queued in id
       order ahead of new mail. Run an agent in one daemon at a time: a daemon that starts
@@ -120,10 +48,10 @@ class RedisBus(DurableBus):
     - An agent skips a message id it already acknowledged: the ids are kept in Redis with
       the acknowledgements (pruned by ``retention``) and checked when entries are appended
       and when they are claimed.
-    - While Redis is unreachable the reader and the handlers' acknowledgements retry with a
-      growing pause, and publishes from outside raise :class:`BusError` after a few seconds.
-      Once Redis is back, subscriptions and consumer groups are put back (a Redis without
-      persistence restarts empty) and work resumes.
+    - While Redis is unreachable the reader and the committer retry with a growing pause,
+      and publishes from outside raise :class:`BusError` after a few seconds (such a
+      publish may still have been stored). Once Redis is back, subscriptions and consumer
+      groups are put back (a Redis without persistence restarts empty) and work resumes.
     - Handled entries are trimmed from the streams of the agents running here by
       ``retention`` (count and age), never an entry not yet handled. Keys assume a single
       Redis server, not a cluster.
@@ -139,15 +67,16 @@ class RedisBus(DurableBus):
     ) -> None:
         redis = import_redis()
         super().__init__(retention or Retention())
-        if window < 1:
-            raise ValueError(f"messaging: {redact(url)}: window must be at least 1, got {window}")
-        self.window = window
+        if window < 0:
+            raise ValueError(f"messaging: {redact(url)}: window must be 0 or more, got {window}")
         self.transient_errors = (redis.ConnectionError, redis.TimeoutError)
         self.url = url
+        self.window = window
         self.prefix = f"rustic:bus:{guild_id}:"
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.client = connect(url)
-        self._commit = self.client.register_script(COMMIT)
+        self._publisher = Link(self.client)
+        self._commit_sha = self.client.register_script(COMMIT).sha
         self._subscribe = self.client.register_script(SUBSCRIBE)
         self._retry = self.client.register_script(RETRY)
         self._prune = self.client.register_script(PRUNE)
@@ -177,6 +106,7 @@ class RedisBus(DurableBus):
             mailbox = RedisMailbox(self, agent_id)
             self._retrying("create group", lambda: self.ensure_group(agent_id))
             claimed = self._retrying("claim pending", lambda: self._claim(mailbox))
+            self.transit.unread(agent_id)
             self._mailboxes[agent_id] = mailbox
         if claimed:
             logger.info("pending deliveries claimed agent_id=%s count=%d", agent_id, claimed)
@@ -216,7 +146,11 @@ class RedisBus(DurableBus):
             start, entries, *_ = self.client.xautoclaim(
                 mailbox.stream, GROUP, self.consumer, 0, start, count=CLAIM_BATCH
             )
-            claimed += [(entry, decode(fields[b"m"])) for entry, fields in entries if fields]
+            claimed += [
+                (entry, decode(fields[b"m"]), b"retry" in fields)
+                for entry, fields in entries
+                if fields
+            ]
             if start in (b"0-0", "0-0"):
                 break
         self.deliver(mailbox, claimed, check_acked=True)
@@ -232,13 +166,13 @@ class RedisBus(DurableBus):
             return
         if check_acked:
             key = f"{self.prefix}acked:{mailbox.agent_id}"
-            scores = self.client.zmscore(key, [message.id for _, message in entries])
+            scores = self.client.zmscore(key, [message.id for _, message, _ in entries])
         else:
             scores = [None] * len(entries)
         fresh: list[Message] = []
         duplicates: list[bytes] = []
-        for (entry, message), score in zip(entries, scores, strict=True):
-            if score is not None or mailbox.knows(message.id):
+        for (entry, message, retry), score in zip(entries, scores, strict=True):
+            if score is not None or mailbox.knows(message.id, recent=not retry):
                 duplicates.append(entry)
             else:
                 mailbox.entries[message.id] = entry
@@ -249,7 +183,7 @@ class RedisBus(DurableBus):
                 "redelivered ids skipped agent_id=%s count=%d", mailbox.agent_id, len(duplicates)
             )
         mailbox.extend(fresh)
-        self.transit.arrived({(mailbox.agent_id, message.id) for _, message in entries})
+        self.transit.arrived({(mailbox.agent_id, message.id) for _, message, _ in entries})
 
     # -- storing ----------------------------------------------------------------------------
 
@@ -260,29 +194,44 @@ class RedisBus(DurableBus):
         dead: Sequence[Dead],
         patience: float | None,
     ) -> int:
+        """Commit at once, on the calling thread: the caller waits for Redis anyway."""
+        args = self._commit_args(publishes, acked, dead)
         expected = self._expect(publishes)
         delivered: list[bytes] = []
-        args = self._commit_args(publishes, acked, dead)
         try:
-            delivered = self._retrying("publish", lambda: self.execute_commits([args])[0], patience)
+            what = "publish" if acked is None else "acknowledge"
+            delivered = self._retrying(what, lambda: self._commit_now(args), patience)
         finally:
             self._unexpect(expected, delivered)
         if acked is not None:
-            self._acknowledged(acked)
+            box, handled = acked
+            assert isinstance(box, RedisMailbox)
+            box.acknowledged(handled.id)
         return len(delivered) // 2
 
-    def finish_turn(self, mailbox: DurableMailbox, message: Message) -> None:
-        """Hand the turn to the committer and let the agent go on to its next message.
+    def _commit_now(self, args: list[Any]) -> list[bytes]:
+        """One commit on the publishers' link, after putting back what an outage lost."""
+        if self.broken:
+            self.restore()
+        try:
+            return self.execute_commits(self._publisher, [args])[0]
+        except self.transient_errors:
+            self.broken = True
+            raise
 
-        The agent waits only when ``window`` of its turns are not yet in Redis; a crash
-        redelivers those (their outputs were not published either).
+    def finish_turn(self, mailbox: DurableMailbox, message: Message) -> None:
+        """Hand the turn to the committer; wait only when ``window`` turns are on their way.
+
+        With a window of 0 the turn is committed before this returns, as on sqlite.
         """
         assert isinstance(mailbox, RedisMailbox)
+        if not self.window:
+            super().finish_turn(mailbox, message)
+            return
         held, dead = mailbox.end_turn()
         args = self._commit_args(held, (mailbox, message), dead)
-        expected = self._expect(held)
         mailbox.window.acquire()
-        self.transit.turn_started()
+        expected = self._expect(held, turn=True)
         done = functools.partial(self._turn_committed, mailbox, message, expected)
         try:
             self.committer.submit(args, None, on_done=done)
@@ -293,24 +242,22 @@ class RedisBus(DurableBus):
         self,
         mailbox: RedisMailbox,
         message: Message,
-        expected: set[tuple[str, int]],
+        expected: set[Pair],
         delivered: Sequence[bytes] = (),
         error: BusError | None = None,
     ) -> None:
         """Runs on the committer thread once a turn is in Redis, or is not to be."""
         mailbox.window.release()
-        self._unexpect(expected, delivered)
         if error is None:
             mailbox.acknowledged(message.id)
-        self.transit.turn_ended()
-        if error is None:
-            return
-        logger.warning(
-            "turn not stored, message will be redelivered agent_id=%s message_id=%d error=%s",
-            mailbox.agent_id,
-            message.id,
-            error,
-        )
+        self._unexpect(expected, delivered, turn=True)
+        if error is not None:
+            logger.warning(
+                "turn not stored, message will be redelivered agent_id=%s message_id=%d error=%s",
+                mailbox.agent_id,
+                message.id,
+                error,
+            )
 
     def _commit_args(
         self,
@@ -331,23 +278,19 @@ class RedisBus(DurableBus):
         args += (_dead_record(agent_id, message, reason) for agent_id, message, reason in dead)
         return args
 
-    def _acknowledged(self, acked: tuple[DurableMailbox, Message]) -> None:
-        box, handled = acked
-        assert isinstance(box, RedisMailbox)
-        box.acknowledged(handled.id)
-
-    def execute_commits(self, batch: Sequence[list[Any]]) -> list[list[bytes]]:
+    def execute_commits(self, link: Link, batch: Sequence[list[Any]]) -> list[list[bytes]]:
         """Commit a batch of turns (their ``_commit_args``) in one script call, in order."""
         redis = import_redis()
-        args = [self.prefix, time.time(), len(batch)]
+        args = ["EVALSHA", self._commit_sha, 0, self.prefix, time.time(), len(batch)]
         for turn in batch:
             args += turn
         try:
-            return list(self.client.evalsha(self._commit.sha, 0, *args))
+            return list(link.call(*args))
         except redis.exceptions.NoScriptError:
             # Redis restarted and forgot the script: nothing of the batch ran.
-            self._commit.sha = self.client.script_load(COMMIT)
-            return list(self.client.evalsha(self._commit.sha, 0, *args))
+            self._commit_sha = self.client.script_load(COMMIT)
+            args[1] = self._commit_sha
+            return list(link.call(*args))
 
     def _save_subscriptions(self, agent_id: str, topics: frozenset[str]) -> None:
         self._subscribe(args=[self.prefix, agent_id, *sorted(topics)])
@@ -381,18 +324,18 @@ class RedisBus(DurableBus):
 
         The reader thread runs this every few seconds; returns the entries trimmed.
         """
-        keep_ms = int((time.time() - self.retention.max_age) * 1000)
         keep_at = time.time() - self.retention.max_age
+        args = [self.retention.count, int(keep_at * 1000), keep_at]
         trimmed = 0
         for mailbox in self.local_mailboxes():
             keys = [mailbox.stream, f"{self.prefix}acked:{mailbox.agent_id}"]
-            trimmed += int(self._prune(keys=keys, args=[self.retention.count, keep_ms, keep_at]))
+            trimmed += int(self._prune(keys=keys, args=args))
         return trimmed
 
-    # -- in transit: published here to an agent running here, not yet read back -------------
+    # -- in transit -------------------------------------------------------------------------
 
-    def _expect(self, publishes: Sequence[Message]) -> set[tuple[str, int]]:
-        """Note the local deliveries a commit is about to make, before the reader can see them."""
+    def _expect(self, publishes: Sequence[Message], turn: bool = False) -> set[Pair]:
+        """Count the local deliveries a commit is about to make, before the reader sees them."""
         local = self._mailboxes
         expected = {
             (agent_id, message.id)
@@ -400,20 +343,21 @@ class RedisBus(DurableBus):
             for agent_id in self._targets(message)
             if agent_id in local
         }
-        self.transit.expect(expected)
+        self.transit.expect(expected, turn)
         return expected
 
-    def _unexpect(self, expected: set[tuple[str, int]], delivered: Sequence[bytes]) -> None:
-        """Drop the expected deliveries the commit did not make (all of them, if it failed)."""
-        if expected:
-            made = {
-                (agent.decode(), int(message_id))
-                for agent, message_id in zip(delivered[::2], delivered[1::2], strict=True)
-            }
-            self.transit.arrived(expected - made)
+    def _unexpect(
+        self, expected: set[Pair], delivered: Sequence[bytes], turn: bool = False
+    ) -> None:
+        """Stop counting what the commit did not deliver (everything, if it failed)."""
+        made = {
+            (agent.decode(), int(message_id))
+            for agent, message_id in zip(delivered[::2], delivered[1::2], strict=True)
+        }
+        self.transit.arrived(expected - made, turn)
 
     def wait_delivered(self, timeout: float) -> bool:
-        """Wait until this process's turns are in Redis and its own agents' mail is read back."""
+        """Wait until this process's turns are in Redis and its own agents' mail is read."""
         return self.transit.wait(timeout)
 
     # -- dead letters -----------------------------------------------------------------------
@@ -441,44 +385,13 @@ class RedisBus(DurableBus):
     # -- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the reader and release the connections."""
-        self.committer.stop()  # sends what is queued first, briefly
+        """Send the turns still queued (briefly), stop the threads, release the connections."""
+        self.committer.stop()
         super().close()
         self.reader.stop()
+        self._publisher.close()
         self.client.close()
         logger.debug("redis bus closed bus=%s", self.describe())
-
-
-def import_redis() -> Any:
-    """Import redis-py, or say which extra installs it."""
-    try:
-        import redis
-    except ImportError as exc:
-        raise ImportError("the redis bus needs redis-py: pip install 'rustic[redis]'") from exc
-    return redis
-
-
-def connect(url: str, socket_timeout: float = SOCKET_TIMEOUT_S) -> Any:
-    """A client for ``url`` that fails fast: the bus does its own retrying."""
-    redis = import_redis()
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def redact(url: str) -> str:
-    """Hide the password of a Redis URL before it is shown."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, location = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
 
 
 def _dead_record(agent_id: str, message: Message, reason: str) -> str:

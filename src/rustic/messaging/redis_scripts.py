@@ -76,14 +76,15 @@ return #ARGV - 2
 """
 
 # ARGV: prefix, dead letter id, agent, message id, body. Moves one dead letter back into
-# its agent's inbox, unless someone else retried it first. Returns 1 when it did.
+# its agent's inbox, unless someone else retried it first; the entry's `retry` field tells
+# the agent's reader that it comes again on purpose. Returns 1 when it did.
 RETRY = """
 local prefix, id, agent = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HDEL', prefix .. 'dead', id) == 0 then
   return 0
 end
 redis.call('ZREM', prefix .. 'acked:' .. agent, ARGV[4])
-redis.call('XADD', prefix .. 'inbox:' .. agent, '*', 'm', ARGV[5])
+redis.call('XADD', prefix .. 'inbox:' .. agent, '*', 'm', ARGV[5], 'retry', id)
 return 1
 """
 

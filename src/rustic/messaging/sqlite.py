@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -17,19 +16,19 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another connection's lock
-PRUNE_EVERY = 2_000  # commits between two prunings of handled messages
+PRUNE_EVERY = 2_000  # commits between two prunings of handled deliveries
 PRUNE_INTERVAL = 10.0  # ...or seconds, whichever comes first
+PAGE_SIZE = 2048
+CHECKPOINT_PAGES = 10_000  # WAL pages between two checkpoints
 _WAL_RETRY_S = 0.01
 
 _SCHEMA = (
-    # A message is stored once, with one delivery row per subscriber; acked_at is NULL
-    # while the delivery is pending, the time of the acknowledgement after. Deliveries are
-    # clustered by agent, so that loading one agent's pending ones reads only its rows; no
-    # secondary index, since each would cost every commit a page more.
-    """CREATE TABLE IF NOT EXISTS messages (
-        id INTEGER PRIMARY KEY, topic TEXT NOT NULL, body TEXT NOT NULL)""",
+    # One row per delivery: the message, stored with each subscriber that gets it, and
+    # acked_at, NULL while the delivery is pending. Rows are clustered by agent, so that an
+    # agent's pending deliveries are one range of the key. A table of messages apart, or a
+    # secondary index, would cost every commit one more page written.
     """CREATE TABLE IF NOT EXISTS deliveries (
-        agent_id TEXT NOT NULL, message_id INTEGER NOT NULL, acked_at REAL,
+        agent_id TEXT NOT NULL, message_id INTEGER NOT NULL, body TEXT NOT NULL, acked_at REAL,
         PRIMARY KEY (agent_id, message_id)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS subscriptions (
         agent_id TEXT NOT NULL, topic TEXT NOT NULL,
@@ -38,20 +37,17 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY AUTOINCREMENT, agent_id TEXT NOT NULL,
         message_id INTEGER NOT NULL, body TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL)""",
 )
-_INSERT_MESSAGE = "INSERT OR IGNORE INTO messages (id, topic, body) VALUES (?, ?, ?)"
-_INSERT_DELIVERY = "INSERT OR IGNORE INTO deliveries (agent_id, message_id) VALUES (?, ?)"
+_INSERT_DELIVERY = "INSERT OR IGNORE INTO deliveries (agent_id, message_id, body) VALUES (?, ?, ?)"
 _ACK = "UPDATE deliveries SET acked_at = ? WHERE agent_id = ? AND message_id = ?"
 _INSERT_DEAD = (
     "INSERT INTO dead_letters (agent_id, message_id, body, reason, at) VALUES (?, ?, ?, ?, ?)"
 )
-_PENDING = """
-    SELECT m.body FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
-    WHERE d.agent_id = ? AND d.acked_at IS NULL ORDER BY d.message_id"""
+_PENDING = "SELECT body FROM deliveries WHERE agent_id = ? AND acked_at IS NULL ORDER BY message_id"
 _REDELIVER = """
-    INSERT INTO deliveries (agent_id, message_id) VALUES (?, ?)
+    INSERT INTO deliveries (agent_id, message_id, body) VALUES (?, ?, ?)
     ON CONFLICT (agent_id, message_id) DO UPDATE SET acked_at = NULL"""
-# Pruning walks each agent's slice of the clustered key; the agents are found by skipping
-# from one to the next along it rather than by reading every row.
+# Pruning walks each agent's range of the key; the agents are found by skipping from one
+# to the next along it rather than by reading every row.
 _AGENTS = """
     WITH RECURSIVE agent(id) AS (
         SELECT min(agent_id) FROM deliveries
@@ -59,11 +55,11 @@ _AGENTS = """
         SELECT (SELECT min(agent_id) FROM deliveries WHERE agent_id > agent.id) FROM agent
         WHERE agent.id IS NOT NULL)
     SELECT id FROM agent WHERE id IS NOT NULL"""
-_PRUNE_DELIVERIES = """
+_NEWEST_KEPT = """
+    SELECT message_id FROM deliveries WHERE agent_id = ?
+    ORDER BY message_id DESC LIMIT 1 OFFSET ?"""
+_PRUNE = """
     DELETE FROM deliveries WHERE agent_id = ? AND message_id < ? AND acked_at IS NOT NULL"""
-_STILL_PENDING = "SELECT message_id FROM deliveries WHERE agent_id = ? AND message_id < ?"
-_PRUNE_MESSAGES = """
-    DELETE FROM messages WHERE id < ? AND id NOT IN (SELECT value FROM json_each(?))"""
 
 
 class SqliteBus(DurableBus):
@@ -71,7 +67,8 @@ class SqliteBus(DurableBus):
 
     Guarantees, for a crash of the process at any point (``kill -9`` included):
 
-    - A publish from outside a handler is committed before ``publish`` returns.
+    - A publish from outside a handler is committed before ``publish`` returns (one
+      with no subscriber stores nothing: there is no one to deliver it to).
     - A handled message is acknowledged in the same commit as everything its handlers
       published and dead-lettered, after the handlers returned; those publishes reach
       their subscribers' mailboxes only then. So a crash loses no accepted message and
@@ -79,12 +76,13 @@ class SqliteBus(DurableBus):
     - At the next start, each agent's pending deliveries are queued in id order, ahead of
       new mail, when its mailbox opens; an agent never gets a message id twice.
 
-    A power cut (not a process crash) may lose the last commits, since with
-    ``synchronous=NORMAL`` the WAL is synced at checkpoints only; it never corrupts the
-    file. Subscriptions are stored too, so mail for an agent that has not launched yet
-    (or runs in another process) is kept for it. Handled messages are pruned by
-    ``retention``; pending deliveries and dead letters are kept until handled or retried.
-    One process at a time may use the file.
+    A power cut or an OS crash (not a process crash) may lose the commits made since the
+    last checkpoint (every 20 MB of WAL), since with ``synchronous=NORMAL`` the WAL is
+    synced at checkpoints only; it never corrupts the file. Commits are not batched across
+    turns: one commit per handled message is what keeps the redelivery to the one in
+    flight. Subscriptions are stored too, so mail for an agent that has not launched yet
+    is kept for it. Handled deliveries are pruned by ``retention``; pending deliveries and
+    dead letters are kept until handled or retried. One process at a time may use the file.
     """
 
     transient_errors = (sqlite3.OperationalError,)
@@ -167,7 +165,7 @@ class SqliteBus(DurableBus):
                     db.execute(_INSERT_DEAD, (agent_id, message.id, encode(message), reason, now))
             self._commits += 1
             if self._commits >= PRUNE_EVERY or time.monotonic() - self._pruned_at > PRUNE_INTERVAL:
-                self._prune(db, now)
+                self._prune_quietly(db, now)
 
         # Deliver in this process only once the commit made the messages durable.
         for mailbox, message in deliveries:
@@ -180,12 +178,12 @@ class SqliteBus(DurableBus):
         message: Message,
         deliveries: list[tuple[DurableMailbox, Message]],
     ) -> int:
-        """Store one message and its deliveries; caller holds `_lock` inside a transaction."""
-        db.execute(_INSERT_MESSAGE, (message.id, message.topic, encode(message)))
+        """Store one delivery per subscriber; caller holds `_lock` inside a transaction."""
+        body = encode(message)
         count = 0
         for agent_id in self._targets(message):
-            # A delivery row that exists already means a redelivery: the agent skips it.
-            if db.execute(_INSERT_DELIVERY, (agent_id, message.id)).rowcount:
+            # A row that exists already means a redelivery: the agent skips it.
+            if db.execute(_INSERT_DELIVERY, (agent_id, message.id, body)).rowcount:
                 count += 1
                 mailbox = self._mailboxes.get(agent_id)
                 if mailbox is not None:
@@ -193,29 +191,29 @@ class SqliteBus(DurableBus):
         return count
 
     def _prune(self, db: sqlite3.Connection, now: float) -> None:
-        """Delete handled messages older than ``max_age`` or beyond the newest ``count``."""
-        cutoff = self.retention.age_cutoff_id(now)
-        row = db.execute(
-            "SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?", (self.retention.count,)
-        ).fetchone()
-        if row is not None:
-            cutoff = max(cutoff, row[0] + 1)
-        agents = [row[0] for row in db.execute(_AGENTS)]
+        """Delete each agent's handled deliveries older than ``max_age`` or past ``count``."""
+        age_cutoff = self.retention.age_cutoff_id(now)
+        pruned = 0
         with _Transaction(db):
-            # Handled deliveries go; what stays below the cutoff is pending, with its message.
-            pruned = 0
-            pending: list[int] = []
-            for agent_id in agents:
-                pruned += db.execute(_PRUNE_DELIVERIES, (agent_id, cutoff)).rowcount
-                pending += (row[0] for row in db.execute(_STILL_PENDING, (agent_id, cutoff)))
-            db.execute(_PRUNE_MESSAGES, (cutoff, json.dumps(pending)))
+            for (agent_id,) in db.execute(_AGENTS).fetchall():
+                row = db.execute(_NEWEST_KEPT, (agent_id, self.retention.count)).fetchone()
+                cutoff = age_cutoff if row is None else max(age_cutoff, row[0] + 1)
+                pruned += db.execute(_PRUNE, (agent_id, cutoff)).rowcount
         self._commits = 0
         self._pruned_at = time.monotonic()
         if pruned:
             logger.debug("handled deliveries pruned count=%d path=%s", pruned, self.path)
 
+    def _prune_quietly(self, db: sqlite3.Connection, now: float) -> None:
+        """Prune after a commit; a failure here must not make the commit look failed."""
+        try:
+            self._prune(db, now)
+        except sqlite3.OperationalError as exc:
+            self._commits, self._pruned_at = 0, time.monotonic()
+            logger.warning("pruning failed, will try again error=%s path=%s", exc, self.path)
+
     def prune(self) -> None:
-        """Prune handled messages now, by the bus's retention (it also runs every few commits)."""
+        """Prune handled deliveries now, by the retention (it also runs every few commits)."""
         with self._lock:
             self._prune(self._db(), time.time())
 
@@ -266,8 +264,7 @@ class SqliteBus(DurableBus):
             with _Transaction(db):
                 for dead in retried:
                     message = dead.message
-                    db.execute(_INSERT_MESSAGE, (message.id, message.topic, encode(message)))
-                    db.execute(_REDELIVER, (dead.agent_id, message.id))
+                    db.execute(_REDELIVER, (dead.agent_id, message.id, encode(message)))
                     db.execute("DELETE FROM dead_letters WHERE id = ?", (dead.id,))
             boxes = [self._mailboxes.get(dead.agent_id) for dead in retried]
         for dead, mailbox in zip(retried, boxes, strict=True):
@@ -325,10 +322,16 @@ def _connect(path: Path) -> sqlite3.Connection:
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
     db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+    # Each commit appends the pages it touched to the WAL: small pages write less, and
+    # checkpointing every 20 MB rather than 4 MB copies a page rewritten often once.
+    db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect on a new file only
     mode = _enable_wal(db)
     if mode != "wal":
         logger.warning("sqlite bus is not in wal mode journal_mode=%s path=%s", mode, path)
     db.execute("PRAGMA synchronous = NORMAL")
+    db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
+    db.execute(f"PRAGMA journal_size_limit = {CHECKPOINT_PAGES * PAGE_SIZE * 2}")
 
     # Refuse a file written by a newer rustic rather than misread it.
     version = db.execute("PRAGMA user_version").fetchone()[0]
