@@ -2,48 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
+
+from redis_support import REDIS_HOST, REDIS_PORT, probe_redis, unavailable
+from redis_support import redis_url as redis_url_of
 
 # `runtime` and `rustic` fixtures: real `rustic` daemons on a private runtime dir.
 pytest_plugins = ["daemon_harness"]
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
 REDIS_TEST_DB = 11  # the only database the tests write to, and flush
 
 
 @pytest.fixture(scope="session")
 def _redis_client() -> Iterator[Any]:
     """One client on the test database, or `None` if Redis is unreachable (probed once)."""
-    try:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-    except ImportError:
-        yield None
-        return
-
-    # no retries: an absent server should cost one refused connection, not seconds per test
-    client = redis.Redis(
-        host=REDIS_HOST,
-        port=REDIS_PORT,
-        db=REDIS_TEST_DB,
-        socket_connect_timeout=1,
-        retry=Retry(NoBackoff(), 0),
-    )
-    try:
-        client.ping()
-    except redis.RedisError:
-        client.close()
-        yield None
-        return
+    client = probe_redis(REDIS_TEST_DB)
     yield client
-    client.close()
+    if client is not None:
+        client.close()
 
 
 @pytest.fixture
@@ -53,17 +33,10 @@ def redis_url(_redis_client: Any) -> Iterator[str]:
     Skips the test if Redis is not reachable, or fails it when the `CI` variable is set.
     """
     if _redis_client is None:
-        _unavailable(f"redis not reachable on {REDIS_HOST}:{REDIS_PORT}")
+        unavailable(f"redis not reachable on {REDIS_HOST}:{REDIS_PORT}")
     _redis_client.flushdb()
-    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
+    yield redis_url_of(REDIS_TEST_DB)
     _redis_client.flushdb()
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Skip the current test, or fail it on CI where every backend must be present."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture

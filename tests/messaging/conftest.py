@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -10,48 +9,23 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+from redis_support import REDIS_HOST, REDIS_PORT, probe_redis, redis_url, unavailable
+
 BUS_DB = 12  # the messaging tests' own database on the shared server: only it is flushed
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip the current test, or fail it on CI, where every backend must be present."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def _bus_redis() -> Iterator[Any]:
     """A client on database 12, or None when Redis cannot be reached (probed once)."""
-    try:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-    except ImportError:
-        yield None
-        return
-    client = redis.Redis(
-        host=REDIS_HOST,
-        port=REDIS_PORT,
-        db=BUS_DB,
-        socket_connect_timeout=1,
-        retry=Retry(NoBackoff(), 0),
-    )
-    try:
-        client.ping()
-    except redis.RedisError:
-        client.close()
-        yield None
-        return
+    client = probe_redis(BUS_DB)
     yield client
-    client.close()
+    if client is not None:
+        client.close()
 
 
 @pytest.fixture
@@ -60,7 +34,7 @@ def bus_redis_url(_bus_redis: Any) -> Iterator[str]:
     if _bus_redis is None:
         unavailable(f"redis not reachable on {REDIS_HOST}:{REDIS_PORT}")
     _bus_redis.flushdb()
-    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{BUS_DB}"
+    yield redis_url(BUS_DB)
     _bus_redis.flushdb()
 
 
