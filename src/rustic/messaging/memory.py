@@ -44,6 +44,7 @@ class MemoryBus(MessageBus):
         self._lock = threading.Lock()
         self._mailboxes: dict[str, MemoryMailbox] = {}  # guarded by `_lock`
         self._topics: dict[str, tuple[Mailbox, ...]] = {}  # replaced, never mutated, under `_lock`
+        self._by_agent: dict[str, set[str]] = {}  # each agent's topics; guarded by `_lock`
         self._dead: list[DeadLetter] = []  # guarded by `_lock`
         self._dead_ids = itertools.count(1)  # guarded by `_lock`
 
@@ -57,36 +58,36 @@ class MemoryBus(MessageBus):
     def close_mailbox(self, agent_id: str) -> list[Message]:
         with self._lock:
             mailbox = self._mailboxes.pop(agent_id, None)
-            for topic, boxes in list(self._topics.items()):
-                kept = tuple(box for box in boxes if box.agent_id != agent_id)
-                if kept:
-                    self._topics[topic] = kept
-                else:
-                    del self._topics[topic]
+            for topic in self._by_agent.pop(agent_id, set()):
+                self._drop(topic, agent_id)
         return mailbox.drain() if mailbox is not None else []
 
     def subscribe(self, topic: str, agent_id: str) -> None:
         mailbox = self.open_mailbox(agent_id)
         with self._lock:
-            boxes = self._topics.get(topic, ())
-            if mailbox not in boxes:
-                self._topics[topic] = (*boxes, mailbox)
+            topics = self._by_agent.setdefault(agent_id, set())
+            if topic not in topics:
+                topics.add(topic)
+                self._topics[topic] = (*self._topics.get(topic, ()), mailbox)
 
     def unsubscribe(self, topic: str, agent_id: str) -> None:
         with self._lock:
-            kept = tuple(box for box in self._topics.get(topic, ()) if box.agent_id != agent_id)
-            if kept:
-                self._topics[topic] = kept
-            else:
-                self._topics.pop(topic, None)
+            topics = self._by_agent.get(agent_id, set())
+            if topic in topics:
+                topics.discard(topic)
+                self._drop(topic, agent_id)
+
+    def _drop(self, topic: str, agent_id: str) -> None:
+        # Caller holds `_lock`.
+        kept = tuple(box for box in self._topics.get(topic, ()) if box.agent_id != agent_id)
+        if kept:
+            self._topics[topic] = kept
+        else:
+            self._topics.pop(topic, None)
 
     def subscriptions(self, agent_id: str) -> set[str]:
         with self._lock:
-            return {
-                topic
-                for topic, boxes in self._topics.items()
-                if any(box.agent_id == agent_id for box in boxes)
-            }
+            return set(self._by_agent.get(agent_id, ()))
 
     def publish(self, message: Message) -> int:
         delivered = 0
