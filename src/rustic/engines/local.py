@@ -126,7 +126,13 @@ class LocalEngine(BaseExecutionEngine):
     # -- scheduling -------------------------------------------------------------------------
 
     def _notify(self, wrapper: AgentWrapper) -> None:
-        """Schedule ``wrapper`` if it has mail and may run; called after every delivery."""
+        """Schedule ``wrapper`` if it has mail and may run; called after every delivery.
+
+        The unlocked check is the hot path: an agent that is already scheduled will see
+        this message, because `_end_turn` checks the mailbox again after unscheduling.
+        """
+        if wrapper.scheduled:
+            return
         with self._cond:
             if wrapper.scheduled or wrapper.paused or wrapper.stopped or not len(wrapper.mailbox):
                 return
@@ -166,7 +172,12 @@ class LocalEngine(BaseExecutionEngine):
             if len(wrapper.mailbox) and not (wrapper.paused or wrapper.stopped):
                 return True
             self._unschedule(wrapper)
-            return False
+
+        # A delivery may have seen `scheduled` still set just before we cleared it, and
+        # skipped scheduling: look once more, now that any such delivery is in the mailbox.
+        if len(wrapper.mailbox):
+            self._notify(wrapper)
+        return False
 
     def _unschedule(self, wrapper: AgentWrapper) -> None:
         # Caller holds `_cond`. Waiters on pause, stop and idleness re-check here.
