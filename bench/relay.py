@@ -169,6 +169,29 @@ def cpython_floor(messages: int) -> float:
     return messages * HOPS / elapsed
 
 
+def pydantic_floor(messages: int) -> float:
+    """The floor's loop plus what any pydantic relay must do per hop: validate, build, dump.
+
+    Not a target: it says how much of a delivery's cost is pydantic's own, so that the
+    rest (routing, scheduling, accounting) can be read off the table.
+    """
+    queue: deque[tuple[int, dict[str, int]]] = deque()
+    validate = Hop.__pydantic_validator__.validate_python
+    started = time.perf_counter()
+    for seq in range(messages):
+        queue.append((0, {"seq": seq, "hops": 0}))
+    handled = 0
+    while queue:
+        hop, data = queue.popleft()
+        handled += 1
+        payload = validate(data)
+        if hop < RELAYS:
+            queue.append((hop + 1, Hop(seq=payload.seq, hops=payload.hops + 1).model_dump()))
+    elapsed = time.perf_counter() - started
+    assert handled == messages * HOPS
+    return handled / elapsed
+
+
 def durable_rows(pairs: str, messages: int) -> list[tuple[str, float]]:
     """The relay on durable buses: a fresh sqlite file, or a Redis database of the bench's own."""
     rows = []
@@ -218,7 +241,7 @@ def main() -> None:
     engines = args.engines.split(",")
     ray_start = start_ray() if "ray" in engines else None
     floor = cpython_floor(args.messages)
-    rows = [("cpython floor", floor)]
+    rows = [("cpython floor", floor), ("floor + pydantic per hop", pydantic_floor(args.messages))]
     for name in args.engines.split(","):
         engine = create_engine(name) if name != "multithreaded" else create_engine("multithreaded")
         rows.append((f"{name}, memory", run_relay(engine, args.messages)))

@@ -188,7 +188,10 @@ class AgentWrapper:
         except BaseException:
             self._settle(message, handled=False)
             raise
-        self._settle(message, handled=True)
+        # `_settle(message, handled=True)`, inlined: this runs for every message.
+        self.in_flight = None
+        self.processed += 1
+        self.mailbox.ack(message)
 
     def _settle(self, message: Message, handled: bool) -> None:
         """Account for the message that was in flight.
@@ -239,11 +242,11 @@ class AgentWrapper:
         if handler.is_async:
             run_coroutine(self._run_async_handler(handler, message))
             return
-        call = self._prepare(handler, message)
+        args = self._prepare(handler, message)
         attempt = 0
-        while call is not None:
+        while args is not None:
             try:
-                call()
+                handler.func(*args)
                 return
             except Exception as exc:
                 attempt += 1
@@ -251,20 +254,20 @@ class AgentWrapper:
                     return
 
     async def _run_async_handler(self, handler: Handler, message: Message) -> None:
-        call = self._prepare(handler, message)
+        args = self._prepare(handler, message)
         attempt = 0
-        while call is not None:
+        while args is not None:
             try:
-                await call()
+                await handler.func(*args)
                 return
             except Exception as exc:
                 attempt += 1
                 if not self.handler_failed(handler, message, exc, attempt):
                     return
 
-    def _prepare(self, handler: Handler, message: Message) -> Callable[[], Any] | None:
-        """The handler bound to its context and dependencies; None (dead-lettered) if the
-        payload does not validate."""
+    def _prepare(self, handler: Handler, message: Message) -> tuple[Any, ...] | None:
+        """The handler's arguments: agent, context, dependencies; None (dead-lettered) if
+        the payload does not validate."""
         if handler.model is dict:
             payload = message.payload
         else:
@@ -276,8 +279,9 @@ class AgentWrapper:
                 self.dead_letter(message, reason, handler.name)
                 return None
         ctx = ProcessContext(self, message, payload)
-        extra = [self.dependencies[name] for name in handler.inject]
-        return functools.partial(handler.func, self.agent, ctx, *extra)
+        if not handler.inject:
+            return (self.agent, ctx)
+        return (self.agent, ctx, *(self.dependencies[name] for name in handler.inject))
 
     def handler_failed(
         self, handler: Handler, message: Message, exc: Exception, attempt: int

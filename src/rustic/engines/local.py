@@ -7,6 +7,7 @@ thread. That single rule is what keeps an agent on one thread at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -48,7 +49,7 @@ class LocalEngine(BaseExecutionEngine):
             if wrapper.agent_id in self._wrappers:
                 raise ValueError(f"agent {wrapper.agent_id!r} already runs on {self!r}")
             self._wrappers[wrapper.agent_id] = wrapper
-        wrapper.mailbox.notify = lambda: self._notify(wrapper)
+        wrapper.mailbox.notify = functools.partial(self._notify, wrapper)
         self._notify(wrapper)
 
     def stop_agent(self, agent_id: str, timeout: float) -> bool:
