@@ -13,7 +13,30 @@ from rustic.spec import AgentSpec, DependencySpec, EngineSpec, GuildSpec
 A = TypeVar("A", bound=Agent[Any])
 
 
-class AgentBuilder(Generic[A]):
+class _SpecBuilder:
+    """What agent and guild builders share: fields set one call at a time."""
+
+    _fields: dict[str, Any]
+
+    def set_name(self, name: str) -> Self:
+        """Set the display name."""
+        self._fields["name"] = name
+        return self
+
+    def set_description(self, description: str) -> Self:
+        """Set what it is for."""
+        self._fields["description"] = description
+        return self
+
+    def set_dependency_map(
+        self, dependency_map: dict[str, DependencySpec | dict[str, Any]]
+    ) -> Self:
+        """Set the dependencies injected into handlers by parameter name."""
+        self._fields["dependency_map"] = dependency_map
+        return self
+
+
+class AgentBuilder(_SpecBuilder, Generic[A]):
     """Builds the spec of one agent: ``AgentBuilder(Greeter).set_id("g").build_spec()``."""
 
     def __init__(self, agent_class: type[A]) -> None:
@@ -25,16 +48,6 @@ class AgentBuilder(Generic[A]):
     def set_id(self, agent_id: str) -> Self:
         """Set the agent's id, unique in its guild."""
         self._fields["id"] = agent_id
-        return self
-
-    def set_name(self, name: str) -> Self:
-        """Set the agent's display name."""
-        self._fields["name"] = name
-        return self
-
-    def set_description(self, description: str) -> Self:
-        """Set what the agent is for."""
-        self._fields["description"] = description
         return self
 
     def set_properties(self, properties: BaseModel | dict[str, Any]) -> Self:
@@ -52,13 +65,6 @@ class AgentBuilder(Generic[A]):
     def listen_to_default_topic(self, listen: bool = True) -> Self:
         """Choose whether the agent hears the guild's default topic (it does by default)."""
         self._fields["listen_to_default_topic"] = listen
-        return self
-
-    def set_dependency_map(
-        self, dependency_map: dict[str, DependencySpec | dict[str, Any]]
-    ) -> Self:
-        """Set the agent's own dependencies, injected by parameter name."""
-        self._fields["dependency_map"] = dependency_map
         return self
 
     def set_execution(self, execution: EngineSpec | dict[str, Any]) -> Self:
@@ -81,7 +87,7 @@ class AgentBuilder(Generic[A]):
         return spec
 
 
-class GuildBuilder:
+class GuildBuilder(_SpecBuilder):
     """Builds a guild spec: ``GuildBuilder("demo").add_agent_spec(spec).build_spec()``."""
 
     def __init__(self, guild_id: str, name: str | None = None, description: str = "") -> None:
@@ -91,16 +97,6 @@ class GuildBuilder:
             "description": description,
         }
         self._agents: list[AgentSpec] = []
-
-    def set_name(self, name: str) -> Self:
-        """Set the guild's display name."""
-        self._fields["name"] = name
-        return self
-
-    def set_description(self, description: str) -> Self:
-        """Set what the guild is for."""
-        self._fields["description"] = description
-        return self
 
     def set_execution_engine(self, engine: EngineSpec | str) -> Self:
         """Set the guild's default engine, by name or spec."""
@@ -115,13 +111,6 @@ class GuildBuilder:
     def set_state(self, url: str) -> Self:
         """Set the state backend: ``memory``, ``sqlite:///path.db`` or ``redis://host/db``."""
         self._fields["state"] = url
-        return self
-
-    def set_dependency_map(
-        self, dependency_map: dict[str, DependencySpec | dict[str, Any]]
-    ) -> Self:
-        """Set the guild-wide dependencies."""
-        self._fields["dependency_map"] = dependency_map
         return self
 
     def set_shutdown_timeout(self, seconds: float) -> Self:
