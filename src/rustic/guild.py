@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from rustic.agent import inbox_topic
 from rustic.deps import DependencyScopes
-from rustic.engines import BaseExecutionEngine, SyncExecutionEngine, create_engine
+from rustic.engines import BaseExecutionEngine, EngineSet
 from rustic.engines.base import AgentInfo
 from rustic.hotswap import ReloadError, ReloadReport, hot_swap
 from rustic.logs import log_context
@@ -98,14 +98,13 @@ class Guild:
 
         self._lock = threading.RLock()
         self._agents: dict[str, tuple[AgentWrapper, BaseExecutionEngine]] = {}  # guarded by `_lock`
-        self._engines: list[BaseExecutionEngine] = []  # guarded by `_lock`
-        self._engines_by_spec: dict[str, BaseExecutionEngine] = {}  # guarded by `_lock`
+        self._engines = EngineSet()
         self.dependencies = DependencyScopes(self.id, self.spec.dependency_map)
         self._reload_locks: dict[str, threading.Lock] = {}  # guarded by `_lock`
         self._intake_open = True
         self._stopped = False
         self._hurry = threading.Event()
-        self.default_engine = self._engine_from(execution_engine or self.spec.execution)
+        self.default_engine = self._engines.get(execution_engine or self.spec.execution)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -156,24 +155,6 @@ class Guild:
     def _default_app_dir(self) -> Path | None:
         return self.spec.base_dir if self.spec.source is not None else None
 
-    def _engine_from(self, engine: BaseExecutionEngine | EngineSpec | str) -> BaseExecutionEngine:
-        if isinstance(engine, BaseExecutionEngine):
-            self._track_engine(engine)
-            return engine
-        spec = EngineSpec(engine=engine) if isinstance(engine, str) else engine
-        key = spec.model_dump_json()
-        with self._lock:
-            found = self._engines_by_spec.get(key)
-            if found is None:
-                found = self._engines_by_spec[key] = create_engine(spec)
-                self._engines.append(found)
-            return found
-
-    def _track_engine(self, engine: BaseExecutionEngine) -> None:
-        with self._lock:
-            if not any(known is engine for known in self._engines):
-                self._engines.append(engine)
-
     # -- agents -----------------------------------------------------------------------------
 
     def launch_agent(
@@ -189,9 +170,9 @@ class Guild:
             if spec.id in self._agents:
                 raise ValueError(f"guild {self.id!r} already has an agent {spec.id!r}")
         if execution_engine is not None:
-            engine = self._engine_from(execution_engine)
+            engine = self._engines.get(execution_engine)
         elif spec.execution is not None:
-            engine = self._engine_from(self.spec.execution.merged(spec.execution))
+            engine = self._engines.get(self.spec.execution.merged(spec.execution))
         else:
             engine = self.default_engine
 
@@ -309,8 +290,7 @@ class Guild:
 
     def engines(self) -> list[BaseExecutionEngine]:
         """The engines the guild runs agents on, the default one first."""
-        with self._lock:
-            return list(self._engines)
+        return self._engines.all()
 
     # -- dependencies -----------------------------------------------------------------------
 
@@ -352,8 +332,7 @@ class Guild:
 
     def _settled(self, slice_timeout: float) -> bool:
         """One pass over the engines; True when all were idle with nothing handled meanwhile."""
-        with self._lock:
-            engines = list(self._engines)
+        engines = self._engines.all()
         handled_before = self._handled()
         idle = all(engine.wait_idle(slice_timeout) for engine in engines)
         # Mail a bus still carries through a server (redis) to agents here counts as work.
@@ -373,8 +352,7 @@ class Guild:
 
     def agents(self) -> list[AgentInfo]:
         """A snapshot of every running agent."""
-        with self._lock:
-            engines = list(self._engines)
+        engines = self._engines.all()
         return [info for engine in engines for info in engine.agents()]
 
     def status(self) -> dict[str, Any]:
@@ -423,8 +401,7 @@ class Guild:
 
         # (3) Teardown: engines stop delivery, run hooks, join their workers.
         self._stopped = True
-        with self._lock:
-            engines = list(self._engines)
+        engines = self._engines.all()
         for engine in engines:
             left = max(0.0, deadline - time.monotonic())
             budget = min(left, HURRIED_TIMEOUT) if self._hurry.is_set() else left
@@ -463,8 +440,3 @@ class Guild:
 
     def __repr__(self) -> str:
         return f"<Guild id={self.id!r} agents={len(self._agents)}>"
-
-
-def is_sync(engine: BaseExecutionEngine) -> bool:
-    """True for engines that only run when a thread drives them."""
-    return isinstance(engine, SyncExecutionEngine)

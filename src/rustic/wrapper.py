@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from rustic.agent import Agent, Handler, ProcessContext, format_name, inbox_topic
+from rustic.agent import Agent, Handler, ProcessContext, format_name
 from rustic.logs import log_context
 from rustic.message import ErrorReport, Message, new_id
 from rustic.messaging import Mailbox
@@ -168,11 +168,7 @@ class AgentWrapper:
 
     def topics(self, spec: AgentSpec | None = None) -> set[str]:
         """The topics the agent listens to under ``spec`` (default: its current spec)."""
-        spec = spec or self.spec
-        topics = {inbox_topic(spec.id), *spec.additional_topics}
-        if spec.listen_to_default_topic:
-            topics.add(self.default_topic)
-        return topics
+        return self.guild.agent_topics(spec or self.spec)
 
     # -- dispatch (the hot path) -------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "BaseExecutionEngine",
     "EngineError",
     "EngineReport",
+    "EngineSet",
     "MultiprocessExecutionEngine",
     "MultithreadedExecutionEngine",
     "RayExecutionEngine",
@@ -84,3 +86,33 @@ def create_engine(spec: EngineSpec | str) -> BaseExecutionEngine:
         spec = EngineSpec(engine=spec)
     cls = engine_class(spec.engine)
     return cls.from_spec(spec)
+
+
+class EngineSet:
+    """The engines of one guild: one per distinct engine spec, plus any passed in built."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: list[BaseExecutionEngine] = []  # guarded by `_lock`
+        self._by_spec: dict[str, BaseExecutionEngine] = {}  # guarded by `_lock`
+
+    def get(self, engine: BaseExecutionEngine | EngineSpec | str) -> BaseExecutionEngine:
+        """The engine for ``engine``: the instance itself, or the one built for that spec."""
+        if isinstance(engine, BaseExecutionEngine):
+            with self._lock:
+                if not any(known is engine for known in self._engines):
+                    self._engines.append(engine)
+            return engine
+        spec = EngineSpec(engine=engine) if isinstance(engine, str) else engine
+        key = spec.model_dump_json()
+        with self._lock:
+            found = self._by_spec.get(key)
+            if found is None:
+                found = self._by_spec[key] = create_engine(spec)
+                self._engines.append(found)
+            return found
+
+    def all(self) -> list[BaseExecutionEngine]:
+        """Every engine, in the order the guild first used them."""
+        with self._lock:
+            return list(self._engines)
