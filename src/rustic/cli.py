@@ -245,7 +245,8 @@ def validate(
         _fail(str(exc), EXIT_USAGE, prefix="")
     except UsageError as exc:
         _fail(str(exc), EXIT_USAGE)
-    print(f"ok {guild_file}: guild {spec.id} with {len(spec.agents)} agents")
+    count = len(spec.agents)
+    print(f"ok {guild_file}: guild {spec.id} with {count} agent{'' if count == 1 else 's'}")
 
 
 @app.command()
