@@ -13,11 +13,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -26,25 +25,10 @@ from rustic.cli import app
 from rustic.daemon.client import ControlClient, DaemonNotRunning
 from rustic.daemon.paths import socket_path
 from rustic.daemon.protocol import ControlError
+from waiting import WAIT_S, wait_until
 
-WAIT_S = 10.0  # the most any condition in these tests may take to come true
-POLL_S = 0.02
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "guilds"
-
-T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T], timeout: float = WAIT_S, what: str = "") -> T:
-    """Poll `condition` every 20 ms until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(POLL_S)
 
 
 def write_guild(folder: Path, guild_yaml: str, modules: dict[str, str]) -> Path:

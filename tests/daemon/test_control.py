@@ -9,7 +9,6 @@ import os
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from rustic.daemon import paths
 from rustic.daemon.client import ControlClient, DaemonNotRunning
 from rustic.daemon.control import ControlServer, DaemonAlreadyRunning, Handler
 from rustic.daemon.protocol import MAX_REQUEST_BYTES, ControlError
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -398,15 +398,6 @@ def test_stop_leaves_a_socket_file_that_another_daemon_has_taken_over(
         assert sock_path.is_socket()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Poll ``condition`` every 5 ms; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for a condition"
-        tick.wait(0.005)
-
-
 def test_stop_lets_a_request_in_progress_deliver_its_reply(sock_path: Path) -> None:
     entered, release = threading.Event(), threading.Event()
 
@@ -425,7 +416,7 @@ def test_stop_lets_a_request_in_progress_deliver_its_reply(sock_path: Path) -> N
     # stop() waits for the connection in progress, so it runs beside the release
     stopper = threading.Thread(target=server.stop)
     stopper.start()
-    wait_for(lambda: not sock_path.exists())  # the stop is under way: the socket is gone
+    wait_until(lambda: not sock_path.exists())  # the stop is under way: the socket is gone
     release.set()
     stopper.join(WAIT_S)
     caller.join(WAIT_S)

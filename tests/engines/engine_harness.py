@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from rustic import (
 from rustic.engines.aio import AsyncioExecutionEngine
 from rustic.engines.processes import MultiprocessExecutionEngine
 from rustic.engines.ray import RayExecutionEngine
+from waiting import wait_until
 
 EngineFactory = Callable[[], BaseExecutionEngine]
 
@@ -40,16 +40,6 @@ ENGINE_FACTORIES: dict[str, EngineFactory] = {
 
 # Engines that need a service: marked, so that `-m "not ray"` leaves them out.
 ENGINE_MARKS: dict[str, pytest.MarkDecorator] = {"ray": pytest.mark.ray}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Wait for ``condition`` to hold, checking every 10 ms; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not condition():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        pause.wait(0.01)
 
 
 class Harness:

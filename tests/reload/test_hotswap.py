@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-import threading
 import time
 
 import pytest
 
 from reload_project import Project, Running
 from rustic.hotswap import ReloadError
+from waiting import wait_until
 
 CONSUMER = """
     from pydantic import BaseModel
@@ -52,14 +52,6 @@ CONSUMER = """
 """
 
 
-def wait_until(condition: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out waiting for a condition"
-        tick.wait(0.01)
-
-
 def launch_pair(project: Project, running: Running, version: str = "v0") -> None:
     project.write("agents", CONSUMER.format(version=version))
     running.guild.launch_agent(
@@ -87,7 +79,7 @@ def test_every_message_is_handled_exactly_once_across_many_swaps(
 
     # Then every item was handled exactly once, by several versions
     store = running.store()
-    wait_until(lambda: running.guild.wrapper("consumer").processed == 5000)
+    wait_until(lambda: running.guild.wrapper("consumer").processed == 5000, timeout=30)
     counts = [store.get(f"n{n}") for n in range(5000)]
     assert counts == [1] * 5000
     assert running.guild.wrapper("consumer").state.get()["count"] == 5000

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from reload_project import Project
 from rustic import Guild, MultithreadedExecutionEngine
 from rustic.daemon.watch import GuildWatcher
+from waiting import wait_until
 
 AGENT = """
     from pydantic import BaseModel
@@ -44,14 +43,6 @@ AGENT_ENTRY = """  - id: {agent_id}
     class_name: {package}.{module}.Echo
     additional_topics: [{topic}]
 """
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for a condition"
-        tick.wait(0.01)
 
 
 class Watched:
