@@ -29,7 +29,7 @@ from rustic.state import (
     state_key_for_agent,
     state_key_for_guild,
 )
-from rustic.wrapper import AgentWrapper, payload_format
+from rustic.wrapper import AgentWrapper, encode_payload
 
 logger = logging.getLogger(__name__)
 
@@ -311,12 +311,8 @@ class Guild:
         """Publish a message into the guild from outside it."""
         if not self._intake_open:
             raise GuildStopping(f"guild {self.id!r} is stopping and takes no new messages")
-        if isinstance(payload, BaseModel):
-            fmt = format or payload_format(type(payload))
-            data: Any = payload.model_dump(mode="json")
-        else:
-            fmt, data = format or "dict", payload
-        message = Message(new_id(), topic, sender, fmt, data)
+        fmt, data = encode_payload(payload)
+        message = Message(new_id(), topic, sender, format or fmt, data)
         self.bus.publish(message)
         return message
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rustic.agent import Agent
 from rustic.deps import close_dependency
 from rustic.logs import log_context
-from rustic.reloading import CodeLoadError, reimport, resolve_in
+from rustic.reloading import CodeLoadError, module_file, reimport, resolve_in
 from rustic.spec import AgentSpec
 
 if TYPE_CHECKING:
@@ -139,21 +139,15 @@ def _stage(
 def _load_class(spec: AgentSpec, app_dir: Path | None) -> type[Any]:
     """The agent class of ``spec``, from freshly re-imported code when it is project code."""
     current = spec.resolve_class()
-    if app_dir is None or current.__module__ == "__main__":
+    module_name = current.__module__
+    if app_dir is None or module_name == "__main__":
         return current
-    module = reimport(current.__module__, app_dir) if _is_project(current, app_dir) else None
-    if module is None:
-        return current
-    found = resolve_in(module, current.__qualname__)
+    if module_file(module_name, app_dir.resolve()) is None:
+        return current  # not the project's code: never re-imported
+    found = resolve_in(reimport(module_name, app_dir), current.__qualname__)
     if not isinstance(found, type):
         raise CodeLoadError(f"{spec.class_name} is no longer a class")
     return found
-
-
-def _is_project(cls: type[Any], app_dir: Path) -> bool:
-    from rustic.reloading import module_file
-
-    return module_file(cls.__module__, app_dir.resolve()) is not None
 
 
 def _changed_dependencies(old: AgentSpec, new: AgentSpec) -> frozenset[str]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FORMATS: dict[type[Any], str] = {}
-_NOT_CACHED: tuple[Handler, ...] = ()
+_SOURCE_DIGESTS: dict[tuple[str, int, int], bytes] = {}  # by (path, mtime_ns, size)
 _loops = threading.local()
 
 
@@ -39,6 +39,16 @@ def payload_format(model: type[Any]) -> str:
     if name is None:
         name = _FORMATS[model] = format_name(model)
     return name
+
+
+def encode_payload(payload: BaseModel | dict[str, Any]) -> tuple[str, Any]:
+    """The ``format`` and JSON-able data a message carries for ``payload``."""
+    if isinstance(payload, BaseModel):
+        # The model's own serializer: model_dump(mode="json") without its Python wrapper.
+        return payload_format(type(payload)), payload.__pydantic_serializer__.to_python(
+            payload, mode="json"
+        )
+    return "dict", payload
 
 
 def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -53,11 +63,21 @@ def code_version(cls: type[Any], spec: AgentSpec) -> str:
     """A short hash of the agent's module source and its spec: changes when either does."""
     digest = hashlib.sha256(spec.fingerprint().encode())
     source = inspect.getsourcefile(cls) if cls.__module__ != "__main__" else None
-    if source is not None and Path(source).is_file():
-        digest.update(Path(source).read_bytes())
-    else:
-        digest.update(cls.__qualname__.encode())
+    digest.update(_source_digest(source) if source else cls.__qualname__.encode())
     return digest.hexdigest()[:12]
+
+
+def _source_digest(path: str) -> bytes:
+    """The digest of a source file, read once per version of the file, not once per agent."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return path.encode()
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    found = _SOURCE_DIGESTS.get(key)
+    if found is None:
+        found = _SOURCE_DIGESTS[key] = hashlib.sha256(Path(path).read_bytes()).digest()
+    return found
 
 
 class AgentWrapper:
@@ -106,7 +126,6 @@ class AgentWrapper:
         self.where = ""
         self.loop: asyncio.AbstractEventLoop | None = None  # where async handlers run, if not here
 
-        self._dispatch_table: dict[str, tuple[Handler, ...]] = {}
         self.agent: Agent[Any] = self.build(spec)
         self.install(self.agent, spec)
 
@@ -164,7 +183,7 @@ class AgentWrapper:
         self.spec = spec
         self.dependencies = agent._dependencies
         self.version = code_version(type(agent), spec)
-        self._dispatch_table = {}
+        self._dispatch_table: dict[str, tuple[Handler, ...]] = {}  # by format
 
     def topics(self, spec: AgentSpec | None = None) -> set[str]:
         """The topics the agent listens to under ``spec`` (default: its current spec)."""
@@ -174,9 +193,7 @@ class AgentWrapper:
 
     def dispatch(self, message: Message) -> None:
         """Run every handler of the agent that matches ``message``, then acknowledge it."""
-        handlers = self._dispatch_table.get(message.format, _NOT_CACHED)
-        if handlers is _NOT_CACHED:
-            handlers = self._handlers_for(message.format)
+        handlers = self._handlers(message.format)
         self.in_flight = message
         try:
             for handler in handlers:
@@ -202,6 +219,11 @@ class AgentWrapper:
         else:
             self.interrupted += 1
 
+    def _handlers(self, fmt: str) -> tuple[Handler, ...]:
+        """The handlers that take messages of format ``fmt``, worked out once per format."""
+        handlers = self._dispatch_table.get(fmt)
+        return handlers if handlers is not None else self._handlers_for(fmt)
+
     def _handlers_for(self, fmt: str) -> tuple[Handler, ...]:
         short = fmt.rpartition(".")[2]
         matching = tuple(
@@ -221,7 +243,7 @@ class AgentWrapper:
         (the loop's default when None), so that none of them blocks the loop.
         """
         loop = asyncio.get_running_loop()
-        handlers = self._dispatch_table.get(message.format) or self._handlers_for(message.format)
+        handlers = self._handlers(message.format)
         self.in_flight = message
         try:
             for handler in handlers:
@@ -327,11 +349,7 @@ class AgentWrapper:
         thread: int | None = None,
     ) -> Message:
         """Publish ``payload`` as this agent on ``topic``."""
-        if isinstance(payload, BaseModel):
-            fmt = payload_format(type(payload))
-            data: Any = payload.__pydantic_serializer__.to_python(payload, mode="json")
-        else:
-            fmt, data = "dict", payload
+        fmt, data = encode_payload(payload)
         message = Message(new_id(), topic, self.agent_id, fmt, data, in_response_to, thread)
         self._publish(message)
         return message

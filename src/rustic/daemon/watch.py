@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,22 +171,23 @@ class GuildWatcher:
                 "guild settings changed; restart to apply keys=%s", ",".join(plan.restart_needed)
             )
         saved_at = max((_mtime(p) for p in changed), default=seen_at)
-        for agent_id in plan.stop:
-            self._apply("stop", agent_id, saved_at, lambda a=agent_id: self.guild.stop_agent(a))
-        for agent_id, spec in plan.reload.items():
+        guild = self.guild
+        steps: list[tuple[str, str, Callable[[], object]]] = [
+            *(("stop", a, functools.partial(guild.stop_agent, a)) for a in plan.stop),
+            *(
+                ("reload", a, functools.partial(guild.reload_agent, a, new_spec=s))
+                for a, s in plan.reload.items()
+            ),
+            *(("launch", s.id, functools.partial(guild.launch_agent, s)) for s in plan.launch),
+        ]
+        for action, agent_id, step in steps:
             if self._wanted(agent_id):
-                self._apply(
-                    "reload",
-                    agent_id,
-                    saved_at,
-                    lambda a=agent_id, s=spec: self.guild.reload_agent(a, new_spec=s),
-                )
-        for spec in plan.launch:
-            if self._wanted(spec.id):
-                self._apply("launch", spec.id, saved_at, lambda s=spec: self.guild.launch_agent(s))
+                self._apply(action, agent_id, saved_at, step)
         return plan
 
-    def _apply(self, action: str, agent_id: str, saved_at: float, step: Any) -> None:
+    def _apply(
+        self, action: str, agent_id: str, saved_at: float, step: Callable[[], object]
+    ) -> None:
         try:
             step()
         except ReloadError as exc:
