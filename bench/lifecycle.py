@@ -6,6 +6,7 @@ Run with ``make bench``. Each row is measured in this run on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -14,6 +15,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -103,23 +105,30 @@ RELAY_MODULE = """
 """
 
 
-def reload_under_load(engine: str, seconds: float) -> tuple[float, float, float, float]:
-    """Reload pause p50/p95 (ms) and relay rate steady vs. with a reload every 100 ms."""
+@contextlib.contextmanager
+def relay_project(package: str) -> Iterator[tuple[Path, Path]]:
+    """A throwaway project folder holding ``package.relay``; yields it and the module file."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        package = root / "benchproj"
-        package.mkdir()
-        (package / "__init__.py").write_text("")
-        module = package / "relay.py"
+        (root / package).mkdir()
+        (root / package / "__init__.py").write_text("")
+        module = root / package / "relay.py"
         module.write_text(textwrap.dedent(RELAY_MODULE.format(version=0)))
         sys.path.insert(0, tmp)
         try:
-            steady = _relay_rate(engine, root, seconds, reload_every=None, module=module)
-            loaded = _relay_rate(engine, root, seconds, reload_every=0.1, module=module)
+            yield root, module
         finally:
-            sys.path.remove(tmp)
-            for name in [m for m in sys.modules if m.startswith("benchproj")]:
+            while tmp in sys.path:
+                sys.path.remove(tmp)
+            for name in [m for m in sys.modules if m.split(".")[0] == package]:
                 del sys.modules[name]
+
+
+def reload_under_load(engine: str, seconds: float) -> tuple[float, float, float, float]:
+    """Reload pause p50/p95 (ms) and relay rate steady vs. with a reload every 100 ms."""
+    with relay_project("benchproj") as (root, module):
+        steady = _relay_rate(engine, root, seconds, reload_every=None, module=module)
+        loaded = _relay_rate(engine, root, seconds, reload_every=0.1, module=module)
     pauses = loaded[1]
     p95 = statistics.quantiles(pauses, n=20)[-1] if len(pauses) >= 2 else pauses[0]
     return statistics.median(pauses), p95, steady[0], loaded[0]
@@ -187,13 +196,7 @@ def watch_latency(saves: int) -> float:
     """Median ms from a save to the new code handling a message, through watchfiles."""
     from rustic.daemon.watch import GuildWatcher
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        package = root / "watchproj"
-        package.mkdir()
-        (package / "__init__.py").write_text("")
-        module = package / "relay.py"
-        module.write_text(textwrap.dedent(RELAY_MODULE.format(version=0)))
+    with relay_project("watchproj") as (root, module):
         guild_file = root / "guild.yaml"
         guild_file.write_text(
             "id: watchbench\nname: w\nagents:\n  - id: relay\n    name: relay\n"
@@ -213,8 +216,6 @@ def watch_latency(saves: int) -> float:
             tick.wait(0.05)  # let the watcher settle so each save is its own batch
         watcher.stop()
         guild.stop(timeout=5)
-        sys.modules.pop("watchproj.relay", None)
-        sys.modules.pop("watchproj", None)
     return statistics.median(latencies)
 
 
