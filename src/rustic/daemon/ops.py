@@ -67,14 +67,9 @@ class ControlOps:
 
         The reply then carries the shutdown report, the exit code and the accounting line.
         """
-        timeout = args.get("shutdown_timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-        ):
-            message = f"shutdown_timeout must be a positive number; got {timeout!r}"
-            raise ControlError("bad_request", message)
+        timeout = positive_arg(args, "shutdown_timeout")
         daemon = self.daemon
-        daemon.request_stop("socket", float(timeout) if timeout is not None else None)
+        daemon.request_stop("socket", timeout)
         if args.get("wait", True):
             daemon.finished.wait()
             return {**daemon.result, "pid": os.getpid()}
@@ -83,15 +78,13 @@ class ControlOps:
     def reload(self, args: dict[str, Any]) -> dict[str, Any]:
         """`reload`: re-read the guild file and hot-swap `agents` (or every one, with `all`)."""
         agents, everything = args.get("agents"), bool(args.get("all", False))
-        timeout = args.get("reload_timeout", 5.0)
+        timeout = positive_arg(args, "reload_timeout") or 5.0
         if everything == bool(agents):
             raise ControlError("bad_request", "name agents to reload, or ask for all")
         if agents is not None and (
             not isinstance(agents, list) or not all(isinstance(a, str) and a for a in agents)
         ):
             raise ControlError("bad_request", f"agents must be a list of ids; got {agents!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ControlError("bad_request", f"reload_timeout must be positive; got {timeout!r}")
         guild, source = self.running_guild(), self.daemon.options.guild_file.resolve()
         try:
             results = reload_from_file(guild, source, None if everything else agents, timeout)
@@ -107,3 +100,13 @@ class ControlOps:
         if daemon.guild is None:
             raise ControlError("failed", f"guild {daemon.spec.id!r} failed to start")
         return daemon.guild
+
+
+def positive_arg(args: dict[str, Any], key: str) -> float | None:
+    """``args[key]`` as a positive number, None when absent; a bad_request error otherwise."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ControlError("bad_request", f"{key} must be a positive number; got {value!r}")
+    return float(value)
