@@ -85,11 +85,10 @@ class LocalEngine(BaseExecutionEngine):
 
     def shutdown(self, timeout: float) -> EngineReport:
         deadline = time.monotonic() + timeout
-        with self._cond:
-            wrappers = list(self._wrappers.values())
 
         # Stop delivery everywhere, then give in-flight handlers what is left of the time.
         with self._cond:
+            wrappers = list(self._wrappers.values())
             for wrapper in wrappers:
                 wrapper.stopped = True
             self._cond.wait_for(lambda: not self._running, _remaining(deadline))
@@ -114,8 +113,7 @@ class LocalEngine(BaseExecutionEngine):
     def agents(self) -> list[AgentInfo]:
         with self._cond:
             wrappers = list(self._wrappers.values())
-            running = set(self._running)
-        return [self._info(wrapper, wrapper.agent_id in running) for wrapper in wrappers]
+        return [self._info(wrapper) for wrapper in wrappers]
 
     def wrapper(self, agent_id: str) -> AgentWrapper:
         with self._cond:
@@ -207,7 +205,7 @@ class LocalEngine(BaseExecutionEngine):
         """Join worker threads; return the names of those still alive at the deadline."""
         return []
 
-    def _info(self, wrapper: AgentWrapper, running: bool) -> AgentInfo:
+    def _info(self, wrapper: AgentWrapper) -> AgentInfo:
         if wrapper.failed:
             state = AgentState.FAILED
         elif wrapper.stopped:
@@ -225,7 +223,7 @@ class LocalEngine(BaseExecutionEngine):
             dead_letters=wrapper.dead_lettered,
             queue_depth=len(wrapper.mailbox),
             in_flight=1 if wrapper.in_flight is not None else 0,
-            where=wrapper.where if running or wrapper.where else self._home(wrapper),
+            where=wrapper.where or self._home(wrapper),
             uptime=time.time() - wrapper.started_at,
             version=wrapper.version,
             last_reload=wrapper.last_reload,
