@@ -243,7 +243,7 @@ def main() -> None:
     floor = cpython_floor(args.messages)
     rows = [("cpython floor", floor), ("floor + pydantic per hop", pydantic_floor(args.messages))]
     for name in args.engines.split(","):
-        engine = create_engine(name) if name != "multithreaded" else create_engine("multithreaded")
+        engine = create_engine(name)
         rows.append((f"{name}, memory", run_relay(engine, args.messages)))
     rows += durable_rows(args.durable, args.messages)
     print(f"{'relay workload':<28}{'deliveries/s':>14}{'of floor':>10}")
