@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from rustic import Agent, AgentBuilder, AgentSpec, ProcessContext, processor
+from rustic import Agent, AgentBuilder, AgentSpec, Guild, ProcessContext, processor
 from rustic.message import Message, new_id
 
 
@@ -152,6 +153,46 @@ def chain_specs(relays: int, ledger: Path, work_s: float = 0.0) -> list[AgentSpe
         .build_spec()
     )
     return [*specs, sink]
+
+
+# A source, two relays and a ledger, as a guild file for a daemon (see `guild_folder`).
+CHAIN_GUILD = """\
+id: {guild_id}
+name: {name}
+messaging: {messaging}
+execution: {execution}
+agents:
+  - {{id: source, name: Source, class_name: bus_agents.Source,
+      additional_topics: [burst], listen_to_default_topic: false}}
+  - {{id: relay-0, name: Relay 0, class_name: bus_agents.Relay,
+      properties: {{next_topic: hop-1}}, additional_topics: [hop-0],
+      listen_to_default_topic: false}}
+  - {{id: relay-1, name: Relay 1, class_name: bus_agents.Relay,
+      properties: {{next_topic: hop-2}}, additional_topics: [hop-1],
+      listen_to_default_topic: false}}
+  - {{id: ledger, name: Ledger, class_name: bus_agents.Ledger,
+      properties: {{path: {ledger}, work_s: {work_s}}}, additional_topics: [hop-2],
+      listen_to_default_topic: false}}
+"""
+
+
+def guild_folder(folder: Path, guild_yaml: str) -> Path:
+    """Write ``folder/guild.yaml`` beside a copy of this module, which its agents import."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(__file__, folder / "bus_agents.py")
+    guild_file = folder / "guild.yaml"
+    guild_file.write_text(guild_yaml)
+    return guild_file
+
+
+def run_relay_chain(guild: Guild, ledger: Path, messages: int = 300) -> None:
+    """Launch ``chain_specs(3, ledger)`` in ``guild`` and check every Hop lands once."""
+    for spec in chain_specs(3, ledger):
+        guild.launch_agent(spec)
+    for seq in range(messages):
+        guild.publish("hop-0", Hop(seq=seq))
+    assert guild.run_until_idle(timeout=30)
+    assert sorted(ledger_lines(ledger)) == list(range(messages))
 
 
 def message(topic: str, payload: dict[str, Any], sender: str = "external") -> Message:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bus_agents import Hop, Refuse, ledger_lines
-from daemon_harness import Rustic, wait_until, write_guild
+from bus_agents import Hop, Refuse, guild_folder, ledger_lines
+from daemon_harness import Rustic, wait_until
 from rustic import AgentBuilder, AgentSpec, Guild
 from rustic.deadletters import list_dead_letters, retry_dead_letters
-
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +130,7 @@ def test_the_cli_lists_and_retries_dead_letters_of_a_running_daemon(
     messaging = "memory" if backend == "memory" else "sqlite:///bus.db"
     folder = tmp_path / "guild"
     text = PICKY_GUILD.format(messaging=messaging, marker=marker, ledger=ledger)
-    guild_file = write_guild(folder, text, {})
-    shutil.copy(HERE / "bus_agents.py", folder / "bus_agents.py")
+    guild_file = guild_folder(folder, text)
     rustic.start(guild_file)
     for seq in (1, 2):
         assert rustic.cli("send", "hops", f'{{"seq": {seq}}}', "--format", "Hop").exit_code == 0

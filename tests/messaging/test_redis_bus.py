@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bus_agents import Collect, Hop, chain_specs, ledger_lines, message, wait_for
+from bus_agents import Collect, Hop, message, run_relay_chain, wait_for
 from rustic import AgentBuilder, Guild, MultithreadedExecutionEngine
 from rustic.messaging import BusError, Retention, open_bus
 from rustic.messaging.redis import RedisBus, RedisMailbox
@@ -228,17 +228,9 @@ def test_open_bus_takes_retention_window_and_consumer_from_the_url(bus_redis_url
 def test_a_relay_chain_on_redis_loses_nothing_on_the_multithreaded_engine(
     bus_redis_url: str, tmp_path: Any
 ) -> None:
-    ledger = tmp_path / "ledger"
     engine = MultithreadedExecutionEngine(max_workers=4)
     guild = Guild(id="chain", messaging=bus_redis_url, execution_engine=engine)
-    for spec in chain_specs(3, ledger):
-        guild.launch_agent(spec)
-
-    for seq in range(300):
-        guild.publish("hop-0", Hop(seq=seq))
-    assert guild.run_until_idle(timeout=30)
-
-    assert sorted(ledger_lines(ledger)) == list(range(300))
+    run_relay_chain(guild, tmp_path / "ledger")
     report = guild.stop()
     assert report.clean
     assert report.pending == 0

@@ -9,34 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bus_agents import ledger_lines
-from daemon_harness import Daemon, Rustic, wait_until, write_guild
+from bus_agents import CHAIN_GUILD, guild_folder, ledger_lines
+from daemon_harness import Daemon, Rustic, wait_until
 
 pytest.importorskip("redis")
 pytestmark = pytest.mark.redis
 
 MESSAGES = 2000
-HERE = Path(__file__).resolve().parent
 UPSTREAM = "source,relay-0,relay-1"
-
-GUILD = """\
-id: shared
-name: Shared guild
-messaging: {url}
-execution: {{engine: multithreaded, max_workers: 4}}
-agents:
-  - {{id: source, name: Source, class_name: bus_agents.Source,
-      additional_topics: [burst], listen_to_default_topic: false}}
-  - {{id: relay-0, name: Relay 0, class_name: bus_agents.Relay,
-      properties: {{next_topic: hop-1}}, additional_topics: [hop-0],
-      listen_to_default_topic: false}}
-  - {{id: relay-1, name: Relay 1, class_name: bus_agents.Relay,
-      properties: {{next_topic: hop-2}}, additional_topics: [hop-1],
-      listen_to_default_topic: false}}
-  - {{id: ledger, name: Ledger, class_name: bus_agents.Ledger,
-      properties: {{path: {ledger}, work_s: 0.0005}}, additional_topics: [hop-2],
-      listen_to_default_topic: false}}
-"""
 
 
 @pytest.fixture
@@ -52,9 +32,16 @@ def elsewhere(tmp_path: Path) -> Iterator[Rustic]:
 
 
 def shared_guild(folder: Path, url: str, ledger: Path) -> Path:
-    guild_file = write_guild(folder, GUILD.format(url=url, ledger=ledger), {})
-    shutil.copy(HERE / "bus_agents.py", folder / "bus_agents.py")
-    return guild_file
+    execution = "{engine: multithreaded, max_workers: 4}"
+    text = CHAIN_GUILD.format(
+        guild_id="shared",
+        name="Shared guild",
+        messaging=url,
+        execution=execution,
+        ledger=ledger,
+        work_s=0.0005,
+    )
+    return guild_folder(folder, text)
 
 
 def kill(daemon: Daemon) -> None:

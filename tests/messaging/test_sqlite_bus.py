@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_agents import Collect, Hop, chain_specs, ledger_lines, message
+from bus_agents import Collect, Hop, message, run_relay_chain
 from rustic import AgentBuilder, Guild, MultithreadedExecutionEngine
 from rustic.message import EPOCH_MS
 from rustic.messaging import BusError, Retention, open_bus
@@ -321,17 +321,9 @@ def test_a_guild_on_sqlite_handles_after_a_restart_what_it_had_not_handled(
 def test_a_relay_chain_on_sqlite_loses_nothing_on_the_multithreaded_engine(
     tmp_path: Path, db: Path
 ) -> None:
-    ledger = tmp_path / "ledger"
     engine = MultithreadedExecutionEngine(max_workers=4)
     guild = Guild(id="chain", messaging=f"sqlite:///{db}", execution_engine=engine)
-    for spec in chain_specs(3, ledger):
-        guild.launch_agent(spec)
-
-    for seq in range(300):
-        guild.publish("hop-0", Hop(seq=seq))
-    assert guild.run_until_idle(timeout=30)
-
-    assert sorted(ledger_lines(ledger)) == list(range(300))
+    run_relay_chain(guild, tmp_path / "ledger")
     assert guild.stop().clean
 
 

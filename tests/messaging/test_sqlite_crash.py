@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from bus_agents import ledger_lines
-from daemon_harness import Rustic, wait_until, write_guild
+from bus_agents import CHAIN_GUILD, guild_folder, ledger_lines
+from daemon_harness import Rustic, wait_until
 
 MESSAGES = 3000
-HERE = Path(__file__).resolve().parent
-
-GUILD = """\
-id: crashy
-name: Crash test
-messaging: sqlite:///bus.db
-execution: {{engine: {engine}}}
-agents:
-  - {{id: source, name: Source, class_name: bus_agents.Source,
-      additional_topics: [burst], listen_to_default_topic: false}}
-  - {{id: relay-0, name: Relay 0, class_name: bus_agents.Relay,
-      properties: {{next_topic: hop-1}}, additional_topics: [hop-0],
-      listen_to_default_topic: false}}
-  - {{id: relay-1, name: Relay 1, class_name: bus_agents.Relay,
-      properties: {{next_topic: hop-2}}, additional_topics: [hop-1],
-      listen_to_default_topic: false}}
-  - {{id: ledger, name: Ledger, class_name: bus_agents.Ledger,
-      properties: {{path: {ledger}, work_s: 0.0002}}, additional_topics: [hop-2],
-      listen_to_default_topic: false}}
-"""
 
 
 @pytest.mark.parametrize("engine", ["sync", "multithreaded"])
@@ -40,8 +19,15 @@ def test_a_daemon_killed_mid_stream_handles_every_message_after_a_restart(
     # Given a daemon on sqlite that accepted a burst of messages and is handling them
     folder = tmp_path / "guild"
     ledger = tmp_path / "ledger.txt"
-    guild_file = write_guild(folder, GUILD.format(engine=engine, ledger=ledger), {})
-    shutil.copy(HERE / "bus_agents.py", folder / "bus_agents.py")
+    text = CHAIN_GUILD.format(
+        guild_id="crashy",
+        name="Crash test",
+        messaging="sqlite:///bus.db",
+        execution=f"{{engine: {engine}}}",
+        ledger=ledger,
+        work_s=0.0002,
+    )
+    guild_file = guild_folder(folder, text)
     first = rustic.start(guild_file)
     sent = rustic.cli("send", "burst", f'{{"count": {MESSAGES}}}', "--format", "Burst")
     assert sent.exit_code == 0, sent.stderr

@@ -129,7 +129,7 @@ class HostedEngine(LocalEngine):
             if wrapper.agent_id in self._hosted:
                 raise ValueError(f"agent {wrapper.agent_id!r} already runs on {self!r}")
         hosted = Hosted(wrapper)
-        outcome = self._place(hosted, self.order(wrapper, wrapper.spec, type(wrapper.agent)))
+        outcome = self._place(hosted, self.order(wrapper))
         with self._cond:
             self._hosted[wrapper.agent_id] = hosted
         self._apply(hosted, outcome, [])
@@ -176,11 +176,18 @@ class HostedEngine(LocalEngine):
         return report
 
     def order(
-        self, wrapper: AgentWrapper, spec: AgentSpec, agent_class: type[Any], hook: str = "startup"
+        self,
+        wrapper: AgentWrapper,
+        spec: AgentSpec | None = None,
+        agent_class: type[Any] | None = None,
+        hook: str = "startup",
     ) -> HostOrder:
-        """What a host needs to build ``wrapper``'s agent from ``spec`` as it is now."""
+        """What a host needs to build ``wrapper``'s agent as it is now.
+
+        ``spec`` and ``agent_class`` default to the wrapper's own; a swap passes its new ones.
+        """
         guild = wrapper.guild
-        spec = spec.model_copy()
+        spec = (wrapper.spec if spec is None else spec).model_copy()
         spec._agent_class = None  # the class travels on its own, by reference
         app_dir = [str(guild.app_dir)] if guild.app_dir is not None else []
         return HostOrder(
@@ -189,7 +196,7 @@ class HostedEngine(LocalEngine):
             error_topic=guild.error_topic,
             dependency_map=dict(guild.spec.dependency_map),
             spec=spec,
-            agent_class=agent_class,
+            agent_class=agent_class or type(wrapper.agent),
             state=wrapper.state.get(),
             state_version=wrapper.state.version,
             engine=self.name,

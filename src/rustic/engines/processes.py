@@ -345,7 +345,7 @@ class MultiprocessExecutionEngine(HostedEngine):
         with self._cond:
             agents = [h for h in child.agents.values() if not h.wrapper.failed]
         for hosted in agents:
-            order = self.order(hosted.wrapper, hosted.wrapper.spec, type(hosted.wrapper.agent))
+            order = self.order(hosted.wrapper)
             try:
                 outcome = self._call(child, BUILD, hosted.agent_id, order, START_TIMEOUT)
             except HostGone:

@@ -154,6 +154,15 @@ class RayExecutionEngine(HostedEngine):
             self._actors.append(actor)
         return actor
 
+    def _built(self, hosted: Hosted, order: HostOrder) -> tuple[_Actor, Outcome]:
+        """A new actor with the agent built in it; the actor is killed if the build fails."""
+        actor = self._new_actor(hosted, order)
+        try:
+            return actor, self._build(actor, order)
+        except BaseException:
+            self._kill(actor)
+            raise
+
     def _build(self, actor: _Actor, order: HostOrder) -> Outcome:
         """Build the agent in ``actor``; raises HostGone if it died, HostError if refused."""
         ray = self._ray_module
@@ -189,12 +198,7 @@ class RayExecutionEngine(HostedEngine):
 
     def _place(self, hosted: Hosted, order: HostOrder) -> Outcome:
         self._connect()
-        actor = self._new_actor(hosted, order)
-        try:
-            outcome = self._build(actor, order)
-        except BaseException:
-            self._kill(actor)
-            raise
+        actor, outcome = self._built(hosted, order)
         hosted.home = actor
         return outcome
 
@@ -228,14 +232,10 @@ class RayExecutionEngine(HostedEngine):
 
     def _new_host(self, hosted: Hosted, order: HostOrder) -> tuple[_Actor, Outcome]:
         """A new actor, named with the agent's next generation (``<guild>.<agent>#2``...)."""
-        actor = self._new_actor(hosted, order)
-        try:
-            outcome = self._build(actor, order)
-            if not outcome.ok:
-                raise HostError("an on_reload hook raised in the new actor (logged there)")
-        except HostError:
+        actor, outcome = self._built(hosted, order)
+        if not outcome.ok:
             self._kill(actor)
-            raise
+            raise HostError("an on_reload hook raised in the new actor (logged there)")
         return actor, outcome
 
     def _release(self, hosted: Hosted, home: Any) -> None:
@@ -324,14 +324,7 @@ class RayExecutionEngine(HostedEngine):
 
     def _rebuild(self, hosted: Hosted) -> tuple[_Actor, Outcome]:
         """A new actor for the agent, built with its state as it is now."""
-        wrapper = hosted.wrapper
-        order = self.order(wrapper, wrapper.spec, type(wrapper.agent))
-        actor = self._new_actor(hosted, order)
-        try:
-            return actor, self._build(actor, order)
-        except BaseException:
-            self._kill(actor)
-            raise
+        return self._built(hosted, self.order(hosted.wrapper))
 
     def _give_up_soon(self, hosted: Hosted, why: str, fail: bool = True) -> None:
         self._call_soon(lambda: self._give_up_on(hosted, why, fail))

@@ -221,6 +221,19 @@ class DurableBus(MessageBus):
     def _save_subscriptions(self, agent_id: str, topics: frozenset[str]) -> None:
         """Make ``topics`` the agent's stored subscriptions."""
 
+    # -- mailboxes --------------------------------------------------------------------------
+
+    def close_mailbox(self, agent_id: str) -> list[Message]:
+        """Drop the agent's mailbox and subscriptions; its pending deliveries stay stored.
+
+        They are queued again if a mailbox for ``agent_id`` opens later, here, in another
+        process or after a restart. Returns what was waiting in the mailbox.
+        """
+        self.set_subscriptions(agent_id, ())
+        with self._lock:
+            mailbox = self._mailboxes.pop(agent_id, None)
+        return mailbox.drain() if mailbox is not None else []
+
     # -- subscriptions ----------------------------------------------------------------------
 
     def subscribe(self, topic: str, agent_id: str) -> None:

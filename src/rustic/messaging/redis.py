@@ -16,7 +16,15 @@ from rustic.messaging.base import BusError, DeadLetter
 from rustic.messaging.durable import Dead, DurableBus, DurableMailbox, Retention, decode, encode
 from rustic.messaging.redis_conn import Link, connect, import_redis, redact
 from rustic.messaging.redis_scripts import COMMIT, GROUP, PRUNE, RETRY, SUBSCRIBE
-from rustic.messaging.redis_threads import Committer, Entry, InTransit, Pair, Reader, RedisMailbox
+from rustic.messaging.redis_threads import (
+    Committer,
+    Entry,
+    InTransit,
+    Pair,
+    Reader,
+    RedisMailbox,
+    read_entry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +126,9 @@ class RedisBus(DurableBus):
 
         They are claimed again when a mailbox for ``agent_id`` opens, here or elsewhere.
         """
-        self.set_subscriptions(agent_id, ())
-        with self._lock:
-            mailbox = self._mailboxes.pop(agent_id, None)
+        waiting = super().close_mailbox(agent_id)
         self.transit.forget(agent_id)
-        return mailbox.drain() if mailbox is not None else []
+        return waiting
 
     def local_mailboxes(self) -> list[RedisMailbox]:
         """The mailboxes open in this process."""
@@ -146,11 +152,7 @@ class RedisBus(DurableBus):
             start, entries, *_ = self.client.xautoclaim(
                 mailbox.stream, GROUP, self.consumer, 0, start, count=CLAIM_BATCH
             )
-            claimed += [
-                (entry, decode(fields[b"m"]), b"retry" in fields)
-                for entry, fields in entries
-                if fields
-            ]
+            claimed += [read_entry(entry, fields) for entry, fields in entries if fields]
             if start in (b"0-0", "0-0"):
                 break
         self.deliver(mailbox, claimed, check_acked=True)

@@ -1,4 +1,7 @@
-"""Connections of the Redis bus: redis-py imported lazily, clients that fail fast, links."""
+"""Connections to Redis: redis-py imported lazily, clients that fail fast, links, redaction.
+
+The bus uses all of it; the Redis state store imports redis-py and redacts URLs through it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 2.0
 
 
-def import_redis() -> Any:
-    """Import redis-py, or say which extra installs it."""
+def import_redis(user: str = "the redis bus") -> Any:
+    """Import redis-py, or say that ``user`` needs it and which extra installs it."""
     try:
         import redis
     except ImportError as exc:
-        raise ImportError("the redis bus needs redis-py: pip install 'rustic[redis]'") from exc
+        raise ImportError(f"{user} needs redis-py: pip install 'rustic[redis]'") from exc
     return redis
 
 

@@ -41,6 +41,11 @@ Entry = tuple[bytes, Message, bool]  # an entry id, its message, and whether it 
 Pair = tuple[str, int]  # an agent id and a message id: one delivery
 
 
+def read_entry(entry: bytes, fields: dict[bytes, bytes]) -> Entry:
+    """A stream entry as the bus queues it; KeyError or ValueError when it does not decode."""
+    return entry, decode(fields[b"m"]), b"retry" in fields
+
+
 class RedisMailbox(DurableMailbox):
     """A mailbox fed by the bus's reader thread; it knows each message's stream entry."""
 
@@ -225,8 +230,7 @@ class Reader:
         decoded: list[Entry] = []
         for entry, flat in entries:
             try:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                decoded.append((entry, decode(fields[b"m"]), b"retry" in fields))
+                decoded.append(read_entry(entry, dict(zip(flat[::2], flat[1::2], strict=True))))
             except (KeyError, TypeError, ValueError) as exc:
                 logger.error(
                     "undecodable entry dropped agent_id=%s entry=%s error=%s",

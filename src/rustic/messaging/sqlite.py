@@ -121,17 +121,6 @@ class SqliteBus(DurableBus):
             logger.info("pending deliveries loaded agent_id=%s count=%d", agent_id, len(rows))
         return mailbox
 
-    def close_mailbox(self, agent_id: str) -> list[Message]:
-        """Drop the agent's mailbox and subscriptions; its pending deliveries stay stored.
-
-        They are queued again if a mailbox for ``agent_id`` opens later, here or after a
-        restart. Returns what was waiting in the mailbox.
-        """
-        self.set_subscriptions(agent_id, ())
-        with self._lock:
-            mailbox = self._mailboxes.pop(agent_id, None)
-        return mailbox.drain() if mailbox is not None else []
-
     # -- storing ----------------------------------------------------------------------------
 
     def _store(
@@ -194,13 +183,15 @@ class SqliteBus(DurableBus):
         """Delete each agent's handled deliveries older than ``max_age`` or past ``count``."""
         age_cutoff = self.retention.age_cutoff_id(now)
         pruned = 0
-        with _Transaction(db):
-            for (agent_id,) in db.execute(_AGENTS).fetchall():
-                row = db.execute(_NEWEST_KEPT, (agent_id, self.retention.count)).fetchone()
-                cutoff = age_cutoff if row is None else max(age_cutoff, row[0] + 1)
-                pruned += db.execute(_PRUNE, (agent_id, cutoff)).rowcount
-        self._commits = 0
-        self._pruned_at = time.monotonic()
+        try:
+            with _Transaction(db):
+                for (agent_id,) in db.execute(_AGENTS).fetchall():
+                    row = db.execute(_NEWEST_KEPT, (agent_id, self.retention.count)).fetchone()
+                    cutoff = age_cutoff if row is None else max(age_cutoff, row[0] + 1)
+                    pruned += db.execute(_PRUNE, (agent_id, cutoff)).rowcount
+        finally:
+            # A failed pruning waits for the next turn too, rather than retry every commit.
+            self._commits, self._pruned_at = 0, time.monotonic()
         if pruned:
             logger.debug("handled deliveries pruned count=%d path=%s", pruned, self.path)
 
@@ -209,7 +200,6 @@ class SqliteBus(DurableBus):
         try:
             self._prune(db, now)
         except sqlite3.OperationalError as exc:
-            self._commits, self._pruned_at = 0, time.monotonic()
             logger.warning("pruning failed, will try again error=%s path=%s", exc, self.path)
 
     def prune(self) -> None:
@@ -257,7 +247,7 @@ class SqliteBus(DurableBus):
         Each goes back to the agent that gave up on it, with its original id; an agent
         not running in this process gets it when its mailbox opens.
         """
-        wanted = sorted(set(ids))
+        wanted = set(ids)
         retried = [dead for dead in self.dead_letters() if dead.id in wanted]
         with self._lock:
             db = self._db()

@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+from rustic.messaging.redis_conn import import_redis, redact
 from rustic.state.base import StateStore
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,9 @@ class RedisStateStore(StateStore):
     """
 
     def __init__(self, url: str) -> None:
-        redis = _import_redis()
+        redis = import_redis("the redis state store")
         self._client = redis.Redis.from_url(url, decode_responses=True)
-        logger.debug("redis state store opened url=%s", _redact(url))
+        logger.debug("redis state store opened url=%s", redact(url))
 
     def load(self, key: str) -> tuple[dict[str, Any], int]:
         """Return the document under `key` and its version, or `({}, 0)`."""
@@ -58,25 +59,6 @@ class RedisStateStore(StateStore):
         self._client.close()
 
 
-def _import_redis() -> Any:
-    """Import redis-py, or explain which extra installs it."""
-    try:
-        import redis
-    except ImportError as exc:
-        raise ImportError("the redis extra is needed: pip install 'rustic[redis]'") from exc
-    return redis
-
-
 def _glob_escape(text: str) -> str:
     """Escape the characters Redis's MATCH pattern treats specially."""
     return "".join(f"\\{char}" if char in _GLOB_SPECIALS else char for char in text)
-
-
-def _redact(url: str) -> str:
-    """Hide the password of a Redis URL before it is logged."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, location = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{location}"
