@@ -6,7 +6,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -207,14 +206,3 @@ def ledger_lines(path: Path) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(line) for line in text.splitlines() if line]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    """Check ``condition`` every 10 ms until it is truthy; raise AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not (value := condition()):
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        tick.wait(0.01)
-    return value

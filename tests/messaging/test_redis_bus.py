@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from bus_agents import Collect, Hop, message, run_relay_chain, wait_for
+from bus_agents import Collect, Hop, message, run_relay_chain
 from rustic import AgentBuilder, Guild, MultithreadedExecutionEngine
 from rustic.messaging import BusError, Retention, open_bus
 from rustic.messaging.redis import RedisBus, RedisMailbox
+from waiting import wait_until
 
 pytest.importorskip("redis")
 pytestmark = pytest.mark.redis
@@ -33,7 +34,11 @@ def make(buses: list[RedisBus], url: str, consumer: str, **options: Any) -> Redi
 
 def take(mailbox: RedisMailbox, count: int = 1) -> list[Any]:
     """Wait until ``count`` deliveries are queued, then take them as a turn each."""
-    wait_for(lambda: len(mailbox) >= count, what=f"{count} deliveries for {mailbox.agent_id}")
+    wait_until(
+        timeout=20.0,
+        condition=lambda: len(mailbox) >= count,
+        what=f"{count} deliveries for {mailbox.agent_id}",
+    )
     return [mailbox.get_nowait() for _ in range(count)]
 
 
@@ -127,7 +132,7 @@ def test_claimed_entries_come_in_id_order_ahead_of_new_mail(
     later = message("t", {"n": 3})
     second.publish(later)
 
-    wait_for(lambda: len(inbox) == 4, what="the new message")
+    wait_until(timeout=20.0, condition=lambda: len(inbox) == 4, what="the new message")
     assert inbox.drain() == [*earlier, later]
 
 
@@ -183,7 +188,10 @@ def test_handled_entries_beyond_retention_are_trimmed_but_pending_ones_stay(
         bus.publish(message("t", {"n": n}))
     for taken in take(inbox, 10)[:7]:
         inbox.ack(taken)
-    assert wait_for(lambda: bus_redis.xpending("rustic:bus:g:inbox:a", "rustic")["pending"] == 3)
+    assert wait_until(
+        timeout=20.0,
+        condition=lambda: bus_redis.xpending("rustic:bus:g:inbox:a", "rustic")["pending"] == 3,
+    )
 
     bus.prune()
 

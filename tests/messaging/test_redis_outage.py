@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from bus_agents import Hop, chain_specs, ledger_lines, wait_for
+from bus_agents import Hop, chain_specs, ledger_lines
 from rustic import Guild, MultithreadedExecutionEngine
+from waiting import wait_until
 
 pytest.importorskip("redis")
 pytestmark = pytest.mark.redis
@@ -27,13 +28,19 @@ def test_a_guild_rides_out_a_redis_restart(
         guild.launch_agent(spec)
     for seq in range(200):
         guild.publish("hop-0", Hop(seq=seq))
-    wait_for(lambda: len(ledger_lines(ledger)) >= 20, what="the first landings")
+    wait_until(
+        timeout=20.0, condition=lambda: len(ledger_lines(ledger)) >= 20, what="the first landings"
+    )
 
     # When Redis dies (and with it, having no persistence, everything it held)
     private_redis.kill()
 
     # Then the bus says so, once, and keeps trying
-    wait_for(lambda: "redis unreachable, retrying" in caplog.text, what="the outage logged")
+    wait_until(
+        timeout=20.0,
+        condition=lambda: "redis unreachable, retrying" in caplog.text,
+        what="the outage logged",
+    )
     assert caplog.text.count("redis unreachable, retrying") == 1
 
     # And when Redis is back, the bus puts back what it needs and new mail flows again
@@ -41,7 +48,11 @@ def test_a_guild_rides_out_a_redis_restart(
     later = range(1000, 1050)
     for seq in later:
         guild.publish("hop-0", Hop(seq=seq))
-    wait_for(lambda: set(later) <= set(ledger_lines(ledger)), what="mail after the restart")
+    wait_until(
+        timeout=20.0,
+        condition=lambda: set(later) <= set(ledger_lines(ledger)),
+        what="mail after the restart",
+    )
     assert "redis reachable again, subscriptions restored" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     report = guild.stop(timeout=10)
